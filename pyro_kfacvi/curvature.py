@@ -1,0 +1,115 @@
+"""Curvature back-ends: moving averages of the Fisher, their eigenbases and exact damping.
+
+Each back-end stores F̂ for one posterior block and answers three questions in the eigenbasis
+of F̂ (where damping is exact, as in the noisy natural gradient reference code):
+
+* ``eigenvalues(γ)``: the grid of eigenvalues of F̂ + γI, shaped like the block;
+* ``to_eigenbasis(w)`` / ``from_eigenbasis(z)``: the orthogonal change of basis;
+* ``precondition(g, γ)``: (F̂ + γI)⁻¹ g (eq. 10).
+
+:class:`KroneckerFactors` keeps F̂ ≈ A ⊗ G (A: input second moments with the homogeneous
+coordinate, G: output-gradient second moments). With A = Q_A diag(e_A) Q_Aᵀ and
+G = Q_G diag(e_G) Q_Gᵀ the damped inverse is exact:
+(A ⊗ G + γI)⁻¹ vec(V) = vec(Q_G [(Q_Gᵀ V Q_A) ⊘ (e_G e_Aᵀ + γ)] Q_Aᵀ).
+:class:`DiagonalFactors` keeps a diagonal F̂ (used for BatchNorm's scale and shift).
+"""
+import torch
+from torch import nn
+
+
+def ema_(average, new, beta, initialized):
+    """Eq. (9): F̂ ← (1 − β) F̂ + β F̄; the first estimate replaces the initial value."""
+    if initialized:
+        average.lerp_(new, beta)
+    else:
+        average.copy_(new)
+
+
+def symmetric_eigh(matrix):
+    """Eigendecomposition of a PSD matrix: symmetrised, in float64 if float32 fails, with
+    eigenvalues clamped at zero (round-off can make them slightly negative)."""
+    sym = 0.5 * (matrix + matrix.T)
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(sym)
+    except RuntimeError:
+        eigenvalues, eigenvectors = torch.linalg.eigh(sym.double())
+    return eigenvalues.clamp_min(0).to(matrix.dtype), eigenvectors.to(matrix.dtype)
+
+
+class KroneckerFactors(nn.Module):
+    """F̂ ≈ A ⊗ G for a block matrix W̃ of shape ``(d_out, d_in)``; A is (d_in, d_in), G is (d_out, d_out)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        d_out, d_in = shape
+        for side, dim in (("A", d_in), ("G", d_out)):
+            self.register_buffer(side, torch.eye(dim))
+            self.register_buffer(f"eigenvalues_{side}", torch.ones(dim))
+            self.register_buffer(f"eigenvectors_{side}", torch.eye(dim))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def update(self, factors, beta):
+        """Eq. (9) for each Kronecker factor, ``factors = (A_bar, G_bar)``."""
+        initialized = bool(self.initialized)
+        ema_(self.A, factors[0], beta, initialized)
+        ema_(self.G, factors[1], beta, initialized)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def refresh(self):
+        """Recompute the eigenbases of A and G."""
+        for side in ("A", "G"):
+            values, vectors = symmetric_eigh(getattr(self, side))
+            getattr(self, f"eigenvalues_{side}").copy_(values)
+            getattr(self, f"eigenvectors_{side}").copy_(vectors)
+
+    def eigenvalues(self, damping):
+        """Eigenvalues of A ⊗ G + γI arranged as the block: e_G[i]·e_A[j] + γ."""
+        return torch.outer(self.eigenvalues_G, self.eigenvalues_A) + damping
+
+    def to_eigenbasis(self, w):
+        return self.eigenvectors_G.T @ w @ self.eigenvectors_A
+
+    def from_eigenbasis(self, z):
+        return self.eigenvectors_G @ z @ self.eigenvectors_A.T
+
+    def precondition(self, grad, damping):
+        """(A ⊗ G + γI)⁻¹ vec(grad), with exact damping (eq. 10)."""
+        return self.from_eigenbasis(self.to_eigenbasis(grad) / self.eigenvalues(damping))
+
+    def dense(self):
+        """The dense matrix A ⊗ G acting on column-major vec(W̃) (for tests and small layers)."""
+        return torch.kron(self.A, self.G)
+
+
+class DiagonalFactors(nn.Module):
+    """Diagonal F̂ for a block vector of shape ``(d,)``."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.register_buffer("diagonal", torch.ones(shape))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def update(self, factors, beta):
+        ema_(self.diagonal, factors[0], beta, bool(self.initialized))
+        self.initialized.fill_(True)
+
+    def refresh(self):
+        """The eigenbasis of a diagonal matrix is the identity: nothing to do."""
+
+    def eigenvalues(self, damping):
+        return self.diagonal + damping
+
+    def to_eigenbasis(self, w):
+        return w
+
+    def from_eigenbasis(self, z):
+        return z
+
+    def precondition(self, grad, damping):
+        return grad / self.eigenvalues(damping)
+
+    def dense(self):
+        return torch.diag(self.diagonal)

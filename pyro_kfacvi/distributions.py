@@ -1,0 +1,53 @@
+"""The guide's per-block distribution: a Gaussian whose covariance is diagonal in an orthogonal
+(Kronecker or identity) eigenbasis."""
+import math
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+
+
+class EigenbasisNormal(TorchDistribution):
+    r"""q(w) = N(loc, U diag(scale²) Uᵀ) for a block ``w`` shaped like ``loc``.
+
+    ``basis`` is a curvature back-end (:mod:`pyro_kfacvi.curvature`) that supplies the orthogonal
+    map U (``from_eigenbasis``) and Uᵀ (``to_eigenbasis``). For Kronecker factors, with
+    ε ~ N(0, I) of shape ``(d_out, d_in)``:
+
+    .. math:: W = μ + Q_G (ε ⊙ S) Q_Aᵀ,   S_{ij} = ρ / \sqrt{e_{G,i} e_{A,j} + γ},
+
+    which has covariance ρ²(A ⊗ G + γI)⁻¹ (eq. 12) — note L_G ε L_Aᵀ, not an upper factor on the left.
+    The event shape is ``loc.shape``; the batch shape is empty.
+    """
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, loc, scale, basis, validate_args=None):
+        self.loc, self.scale, self.basis = loc, scale, basis
+        super().__init__(torch.Size(), loc.shape, validate_args=validate_args)
+
+    @constraints.dependent_property
+    def support(self):
+        return constraints.independent(constraints.real, self.loc.dim())
+
+    def rsample(self, sample_shape=torch.Size()):
+        noise = torch.randn(*sample_shape, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + self.basis.from_eigenbasis(noise * self.scale)
+
+    def log_prob(self, value):
+        z = self.basis.to_eigenbasis(value - self.loc) / self.scale
+        event_dims = tuple(range(-self.loc.dim(), 0))
+        return -0.5 * z.pow(2).sum(event_dims) - self.scale.log().sum() - 0.5 * self.loc.numel() * math.log(2 * math.pi)
+
+    def entropy(self):
+        return self.scale.log().sum() + 0.5 * self.loc.numel() * (1 + math.log(2 * math.pi))
+
+    @property
+    def mean(self):
+        return self.loc
+
+    def kl_to_isotropic(self, variance):
+        """KL(q ‖ N(0, ηI)) = ½[tr Σ/η + ‖μ‖²/η − d + d log η − log|Σ|] in closed form."""
+        var = self.scale.pow(2)
+        d = self.loc.numel()
+        return 0.5 * ((var.sum() + self.loc.pow(2).sum()) / variance - d + d * math.log(variance) - var.log().sum())

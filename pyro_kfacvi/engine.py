@@ -1,0 +1,204 @@
+"""The natural-gradient engine: Noisy K-FAC / KFAC-VI with M weight samples per step."""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .layers import Recorder, run_sampled
+
+WEIGHT_DECAY_MODES = ("coupled", "decoupled", "literal")
+
+
+@dataclass
+class Statistics:
+    """What one minibatch contributes: the mean negative log-likelihood per datum, ḡ per block
+    (eq. 7) and, when curvature is refreshed, F̄ per block (eq. 8: ``(A, G)`` or ``(diag,)``)."""
+
+    nll: torch.Tensor
+    grads: list
+    factors: list = None
+
+
+class KFACVI:
+    r"""SVI-style natural-gradient variational inference with a :class:`~pyro_kfacvi.KroneckerGuide`.
+
+    Each :meth:`step` draws M = ``num_particles`` weight samples θ_s ~ q, runs the network for all
+    of them at once (batched over samples, in chunks of ``chunk_size`` samples) and updates the
+    guide in place (equation numbers of DEVELOPERS.md):
+
+    * (7)  ḡ = −(1/MB) Σ_s Σ_n ∇_θ log p(y_n | x_n, θ_s)
+    * (8)  F̄ = (1/MB) Σ_s Σ_n of the same per-example outer products, as A ⊗ G
+      (``fisher="empirical"``: observed labels; ``fisher="mc"``: labels drawn from the model)
+    * (9)  F̂ ← (1 − β) F̂ + β F̄
+    * (10) v ← (F̂ + γI)⁻¹ (ḡ + π μ) + decay + m_t v
+    * (11) μ ← μ − α_t v
+    * (12) Σ = ρ² (F̂ + γI)⁻¹ (held by the guide)
+
+    π = kl_weight/(Nη) is the prior precision per datum in the guide's ELBO-exact mode (0
+    otherwise). γ is the guide's posterior damping. The weight decay λ enters as
+    ``weight_decay_mode``:
+
+    * ``"coupled"``: (F̂ + γI)⁻¹ (ḡ + π μ + λ μ) — an L2 penalty inside the preconditioner;
+    * ``"decoupled"``: + λ μ after preconditioning — μ shrinks by α_t λ per step, fading with α_t;
+    * ``"literal"``: + (λ / α_t) μ, eq. (10) as printed — μ shrinks by λ per step whatever α_t.
+
+    :param model: :class:`~pyro_kfacvi.BayesianModel`.
+    :param guide: :class:`~pyro_kfacvi.KroneckerGuide` of that model.
+    :param lr: α, a float or a schedule ``t ↦ α_t`` (e.g. :class:`~pyro_kfacvi.WarmupPolynomialLR`,
+        whose ``momentum_scale`` also sets m_t, eq. 6).
+    :param float momentum: m (m_base under a schedule).
+    :param float weight_decay: λ.
+    :param float beta: β of eq. (9).
+    :param float damping: γ; if given, sets ``guide.damping``.
+    :param int num_particles: M.
+    :param str fisher: ``"empirical"`` or ``"mc"``.
+    :param int curvature_every: refresh F̄ every k steps (default 1).
+    :param int inverse_every: recompute eigenbases every k' steps (default 10).
+    :param int chunk_size: samples per batched forward pass; default ``max(1, 1024 // B)``.
+    """
+
+    def __init__(self, model, guide, lr, momentum=0.0, weight_decay=0.0, beta=0.05, damping=None,
+                 num_particles=1, fisher="empirical", weight_decay_mode="decoupled",
+                 curvature_every=1, inverse_every=10, chunk_size=None):
+        if guide.model is not model:
+            raise ValueError("the guide was built for a different model")
+        if not callable(lr) and not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive number or a schedule, got {lr}")
+        checks = {"momentum": 0 <= momentum < 1, "weight_decay": weight_decay >= 0, "beta": 0 < beta <= 1,
+                  "num_particles": int(num_particles) == num_particles and num_particles >= 1,
+                  "curvature_every": curvature_every >= 1, "inverse_every": inverse_every >= 1,
+                  "chunk_size": chunk_size is None or chunk_size >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid {name}={locals()[name]}")
+        if fisher not in ("empirical", "mc"):
+            raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
+        if weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
+        if guide.is_point_mass and num_particles > 1:
+            raise ValueError("num_particles > 1 with rho=0 draws M identical samples; use num_particles=1")
+        if damping is not None:
+            guide.damping = damping
+        self.model, self.guide = model, guide
+        self.lr, self.momentum, self.weight_decay = lr, float(momentum), float(weight_decay)
+        self.beta, self.num_particles, self.fisher = float(beta), int(num_particles), fisher
+        self.weight_decay_mode = weight_decay_mode
+        self.curvature_every, self.inverse_every, self.chunk_size = curvature_every, inverse_every, chunk_size
+        self.iteration = 0
+        self.velocities = [torch.zeros_like(block.loc) for block in guide.blocks]
+
+    # ----------------------------------------------------------------------------------------
+    def hyperparameters(self, t):
+        """α_t and m_t at iteration t (eqs. 6, 13, 14 under a schedule)."""
+        if callable(self.lr):
+            scale = getattr(self.lr, "momentum_scale", lambda _: 1.0)(t)
+            return self.lr(t), self.momentum * scale
+        return self.lr, self.momentum
+
+    def step(self, x, y):
+        """One update on the minibatch ``(x, y)``; returns the negative ELBO per datum estimated
+        before the update (for ρ = 0: the negative log joint per datum)."""
+        self.model.check_batch(x, y)
+        self.model.train()
+        t = self.iteration
+        with_curvature = t % self.curvature_every == 0
+        stats = self.statistics(x, y, self.guide.sample_blocks(self.num_particles), with_curvature)
+        loss = stats.nll + self.complexity()
+        if with_curvature:
+            for block, factors in zip(self.guide.blocks, stats.factors):
+                block.curvature.update(factors, self.beta)  # (9)
+        if t % self.inverse_every == 0:
+            for block in self.guide.blocks:
+                block.curvature.refresh()
+        self.update(stats.grads, *self.hyperparameters(t))
+        self.iteration += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def evaluate_loss(self, x, y):
+        """The negative ELBO per datum on ``(x, y)`` with M fresh samples, without updating the guide.
+        The network runs in its current mode (in training mode BatchNorm's running statistics move)."""
+        self.model.check_batch(x, y)
+        with torch.enable_grad():
+            stats = self.statistics(x, y, self.guide.sample_blocks(self.num_particles), with_curvature=False)
+        return (stats.nll + self.complexity()).item()
+
+    def complexity(self):
+        """kl_weight·KL(q‖p)/N, or −log p(μ)/N for a point mass."""
+        guide, n = self.guide, self.model.num_data
+        if guide.is_point_mass:
+            return -guide.log_prior_of_mean() / n
+        return guide.kl_weight * guide.kl_to_prior() / n
+
+    # ----------------------------------------------------------------------------------------
+    def statistics(self, x, y, block_samples, with_curvature=True):
+        """Eqs. (7, 8) for the given block samples ``(M, *block_shape)``, processed in chunks."""
+        num_samples, batch = block_samples[0].shape[0], x.shape[0]
+        chunk = self.chunk_size or max(1, 1024 // batch)
+        grads = [torch.zeros_like(block.loc) for block in self.guide.blocks]
+        factors, nll = None, 0.0
+        for start in range(0, num_samples, chunk):
+            part = [s[start:start + chunk] for s in block_samples]
+            chunk_nll, chunk_grads, chunk_factors = self._chunk(x, y, part, with_curvature)
+            nll = nll + chunk_nll
+            for total, g in zip(grads, chunk_grads):
+                total.add_(g)
+            factors = chunk_factors if factors is None else [
+                tuple(a + b for a, b in zip(f, c)) for f, c in zip(factors, chunk_factors)]
+        count = num_samples * batch
+        grads = [g / count for g in grads]
+        if with_curvature:
+            factors = [tuple(f / count for f in fs) for fs in factors]
+        return Statistics(nll / count, grads, factors)
+
+    def _chunk(self, x, y, block_samples, with_curvature):
+        """Sums over one chunk of samples: NLL, weight gradients, curvature factors."""
+        model, blocks = self.model, self.guide.blocks
+        leaves = [s.detach().requires_grad_() for s in block_samples]
+        recorder = Recorder() if with_curvature else None
+        out = run_sampled(model.net, model.layers, self.guide.layer_params(leaves), x, leaves[0].shape[0], recorder)
+        nll = -model.likelihood.distribution(out).log_prob(y).sum()
+        if not with_curvature:
+            return nll.detach(), [g.sum(0) for g in torch.autograd.grad(nll, leaves)], None
+        outputs = [recorder.outputs[block.name] for block in blocks]
+        if self.fisher == "empirical":
+            grads = torch.autograd.grad(nll, leaves + outputs)
+            weight_grads, output_grads = grads[: len(leaves)], grads[len(leaves):]
+        else:
+            weight_grads = torch.autograd.grad(nll, leaves, retain_graph=True)
+            sampled = model.likelihood.distribution(out.detach()).sample()
+            output_grads = torch.autograd.grad(-model.likelihood.distribution(out).log_prob(sampled).sum(), outputs)
+        factors = [self._factors(block, recorder, g) for block, g in zip(blocks, output_grads)]
+        return nll.detach(), [g.sum(0) for g in weight_grads], factors
+
+    @staticmethod
+    def _factors(block, recorder, output_grad):
+        """Per-block sums of eq. (8): (Σ ã ãᵀ, Σ g gᵀ) for Kronecker blocks, Σ (per-example grad)² for diagonal ones."""
+        _, adapter = block._layer
+        if adapter.kind == "kronecker":
+            return recorder.input_sums[block.name], adapter.output_outer(output_grad)
+        per_example = adapter.per_example_gradients(recorder.normalized[block.name], output_grad)
+        return (per_example.pow(2).sum(0),)
+
+    @torch.no_grad()
+    def update(self, grads, lr, momentum):
+        """Eqs. (10, 11) for every block."""
+        guide = self.guide
+        damping, prior = guide.posterior_damping, guide.prior_precision
+        coupled = prior + (self.weight_decay if self.weight_decay_mode == "coupled" else 0.0)
+        decoupled = {"coupled": 0.0, "decoupled": self.weight_decay, "literal": self.weight_decay / lr}
+        for block, grad, velocity in zip(guide.blocks, grads, self.velocities):
+            mean = block.loc
+            direction = block.curvature.precondition(grad + coupled * mean, damping)  # (10)
+            direction.add_(mean, alpha=decoupled[self.weight_decay_mode])
+            velocity.mul_(momentum).add_(direction)  # (10)
+            mean.sub_(velocity, alpha=lr)  # (11)
+
+    # ----------------------------------------------------------------------------------------
+    def state_dict(self):
+        return {"iteration": self.iteration, "velocities": [v.clone() for v in self.velocities]}
+
+    def load_state_dict(self, state):
+        self.iteration = int(state["iteration"])
+        for velocity, saved in zip(self.velocities, state["velocities"], strict=True):
+            velocity.copy_(saved)

@@ -1,0 +1,306 @@
+"""Per-layer extensions (in the spirit of BackPACK): how a supported module runs with M sampled
+weights at once, and which curvature statistics it records on the way.
+
+The network is run on a *sample-stacked* batch: the input ``x`` of shape ``(B, ...)`` is repeated
+to ``(M·B, ...)`` so that rows ``s·B .. (s+1)·B - 1`` belong to weight sample ``s``. Parameter-free
+operations (activations, pooling, ``torch.flatten(x, 1)``, residual adds) act per example and
+need nothing; every module with parameters has its ``forward`` replaced, for the duration of
+:func:`sampled_forward`, by an adapter that applies sample ``s``'s weights to sample ``s``'s rows:
+
+* ``Linear``: a batched matmul ``(M, B, in) @ (M, in, out)``;
+* ``Conv2d``: one grouped convolution with ``groups = M``;
+* ``BatchNorm1d/2d``: normalisation of each sample's activations over *its own* minibatch.
+
+Each adapter also says how its parameters form one posterior *block*: ``Linear`` and ``Conv2d``
+form the matrix W̃ = [W, b] of shape ``(d_out, d_in + 1)`` (bias folded in as a homogeneous
+coordinate, Kronecker-factored curvature A ⊗ G); ``BatchNorm`` forms the vector [γ, β]
+(diagonal curvature).
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Recorder:
+    """Collects, during one sampled forward pass, what the curvature back-end needs:
+    per layer the sum of input outer products (the A side, computed on the fly) and the output
+    tensors whose gradients give the G side."""
+
+    def __init__(self):
+        self.input_sums = {}
+        self.outputs = {}
+        self.normalized = {}
+
+    def record(self, name, output, input_sum=None, normalized=None):
+        self.outputs[name] = output
+        if input_sum is not None:
+            self.input_sums[name] = input_sum
+        if normalized is not None:
+            self.normalized[name] = normalized
+
+
+class KroneckerAdapter:
+    """Shared part of ``Linear`` and ``Conv2d``: the block matrix W̃ = [W | b]."""
+
+    kind = "kronecker"
+
+    @staticmethod
+    def param_names(module):
+        return ["weight"] + (["bias"] if module.bias is not None else [])
+
+    @staticmethod
+    def block_shape(module):
+        weight = module.weight
+        return (weight.shape[0], weight[0].numel() + (module.bias is not None))
+
+    @staticmethod
+    def join(module, params):
+        """``{"weight": (..., out, *k), "bias": (..., out)}`` → W̃ of shape ``(..., out, d_in)``."""
+        weight = params["weight"]
+        batch = weight.shape[: weight.dim() - module.weight.dim()]
+        columns = [weight.reshape(*batch, module.weight.shape[0], -1)]
+        if module.bias is not None:
+            columns.append(params["bias"].unsqueeze(-1))
+        return torch.cat(columns, -1)
+
+    @staticmethod
+    def split(module, matrix):
+        """Inverse of :meth:`join`, for any leading batch shape of ``matrix``."""
+        batch = matrix.shape[:-2]
+        has_bias = module.bias is not None
+        weight = matrix[..., : matrix.shape[-1] - has_bias].reshape(*batch, *module.weight.shape)
+        params = {"weight": weight}
+        if has_bias:
+            params["bias"] = matrix[..., -1]
+        return params
+
+    @staticmethod
+    def homogeneous_outer(patches, has_bias):
+        """Σ ã ãᵀ over the rows of ``patches`` (n, d), with ã = [a, 1] when the layer has a bias."""
+        outer = patches.T @ patches
+        if not has_bias:
+            return outer
+        total = patches.sum(0, keepdim=True)
+        count = patches.new_full((1, 1), patches.shape[0])
+        return torch.cat([torch.cat([outer, total.T], 1), torch.cat([total, count], 1)], 0)
+
+    @staticmethod
+    def output_outer(grad):
+        """Σ over examples and positions of g gᵀ, with ``grad`` of shape ``(n, d_out, *positions)``."""
+        g = grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2).reshape(-1, grad.shape[1])
+        return g.T @ g
+
+
+class LinearAdapter(KroneckerAdapter):
+    @staticmethod
+    def check(name, module):
+        pass
+
+    @staticmethod
+    def output_outer(grad):
+        """Σ over examples and positions of g gᵀ, with ``grad`` of shape ``(n, ..., d_out)``."""
+        g = grad.reshape(-1, grad.shape[-1])
+        return g.T @ g
+
+    @staticmethod
+    def positions(module, x):
+        return x[0].numel() // module.in_features
+
+    def forward(self, module, x, params, num_samples, recorder, name):
+        weight, bias = params["weight"], params.get("bias")
+        if num_samples == 1:
+            out = F.linear(x, weight[0], None if bias is None else bias[0])
+        else:
+            xs = x.reshape(num_samples, -1, module.in_features)
+            wt = weight.transpose(1, 2)
+            out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
+            out = out.reshape(*x.shape[:-1], module.out_features)
+        if recorder is not None:
+            patches = x.detach().reshape(-1, module.in_features)
+            # A = E_n[(1/T) Σ_t ã_t ã_tᵀ]: averaged over positions t (eq. 8, K-FAC input factor)
+            input_sum = self.homogeneous_outer(patches, bias is not None) / self.positions(module, x)
+            recorder.record(name, out, input_sum=input_sum)
+        return out
+
+
+class Conv2dAdapter(KroneckerAdapter):
+    @staticmethod
+    def check(name, module):
+        if module.groups != 1:
+            raise ValueError(f"layer '{name}': Conv2d with groups={module.groups} is not supported (groups must be 1)")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"layer '{name}': Conv2d padding_mode='{module.padding_mode}' is not supported, use 'zeros'")
+        if isinstance(module.padding, str) and module.padding == "same":
+            if any(d * (k - 1) % 2 for k, d in zip(module.kernel_size, module.dilation)):
+                raise ValueError(f"layer '{name}': padding='same' with an even effective kernel is not supported")
+
+    @staticmethod
+    def numeric_padding(module):
+        if module.padding == "valid":
+            return (0, 0)
+        if module.padding == "same":
+            return tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+        return module.padding
+
+    def conv(self, module, x, weight, bias, groups):
+        return F.conv2d(x, weight, bias, module.stride, self.numeric_padding(module), module.dilation, groups)
+
+    def forward(self, module, x, params, num_samples, recorder, name):
+        weight, bias = params["weight"], params.get("bias")
+        if num_samples == 1:
+            out = self.conv(module, x, weight[0], None if bias is None else bias[0], 1)
+        else:
+            stacked = x.reshape(num_samples, -1, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+            out = self.conv(module, stacked, weight.flatten(0, 1), None if bias is None else bias.flatten(), num_samples)
+            out = out.unflatten(1, (num_samples, -1)).transpose(0, 1).flatten(0, 1)
+        if recorder is not None:
+            patches = F.unfold(x.detach(), module.kernel_size, module.dilation, self.numeric_padding(module), module.stride)
+            positions = patches.shape[-1]
+            patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            # A = E_n[(1/T) Σ_t ã_t ã_tᵀ] over the T output positions (KFC, Grosse & Martens 2016)
+            recorder.record(name, out, input_sum=self.homogeneous_outer(patches, bias is not None) / positions)
+        return out
+
+
+class BatchNormAdapter:
+    """``BatchNorm1d/2d``: block vector [γ, β], diagonal curvature from per-example gradients."""
+
+    kind = "diagonal"
+
+    @staticmethod
+    def check(name, module):
+        pass
+
+    @staticmethod
+    def param_names(module):
+        return ["weight", "bias"] if module.affine else []
+
+    @staticmethod
+    def block_shape(module):
+        return (2 * module.num_features,)
+
+    @staticmethod
+    def join(module, params):
+        return torch.cat([params["weight"], params["bias"]], -1)
+
+    @staticmethod
+    def split(module, vector):
+        weight, bias = vector.split(module.num_features, -1)
+        return {"weight": weight, "bias": bias}
+
+    @staticmethod
+    def batch_statistics(module, xs):
+        """Per-sample mean and biased variance over the minibatch, ``xs`` of shape (M, B, C, L)."""
+        var, mean = torch.var_mean(xs, dim=(1, 3), unbiased=False)
+        if module.training and module.track_running_stats:
+            BatchNormAdapter.update_running_stats(module, mean, var, xs.shape[1] * xs.shape[3])
+        return mean, var
+
+    @staticmethod
+    @torch.no_grad()
+    def update_running_stats(module, mean, var, count):
+        """Running statistics follow the average over the M samples of each sample's batch statistics."""
+        module.num_batches_tracked += 1
+        momentum = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+        unbiased = var.mean(0) * count / max(count - 1, 1)
+        module.running_mean.lerp_(mean.mean(0), momentum)
+        module.running_var.lerp_(unbiased, momentum)
+
+    def forward(self, module, x, params, num_samples, recorder, name):
+        xs = x.reshape(num_samples, -1, module.num_features, x[0, 0].numel())
+        if module.training or not module.track_running_stats:
+            mean, var = self.batch_statistics(module, xs)
+        else:
+            mean, var = module.running_mean.expand(num_samples, -1), module.running_var.expand(num_samples, -1)
+        normalized = (xs - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + module.eps)
+        out = normalized
+        if module.affine:
+            out = normalized * params["weight"][:, None, :, None] + params["bias"][:, None, :, None]
+        out = out.reshape(x.shape)
+        if recorder is not None and module.affine:
+            recorder.record(name, out, normalized=normalized.detach().reshape(x.shape))
+        return out
+
+    @staticmethod
+    def per_example_gradients(normalized, grad):
+        """Per-example gradients of [γ, β], shape ``(n, 2C)``: Σ_positions g·x̂ and Σ_positions g."""
+        n, c = grad.shape[:2]
+        g = grad.reshape(n, c, -1)
+        return torch.cat([(g * normalized.reshape(n, c, -1)).sum(-1), g.sum(-1)], 1)
+
+
+ADAPTERS = (
+    (nn.Linear, LinearAdapter()),
+    (nn.Conv2d, Conv2dAdapter()),
+    ((nn.BatchNorm1d, nn.BatchNorm2d), BatchNormAdapter()),
+)
+
+
+def adapter_for(module):
+    for types, adapter in ADAPTERS:
+        if isinstance(module, types):
+            return adapter
+    return None
+
+
+def find_layers(net):
+    """All modules of ``net`` that need an adapter, as ``{name: (module, adapter)}``.
+
+    Raises :class:`TypeError` naming the first module that owns parameters but is not supported
+    (e.g. ``nn.LSTM`` or a bare ``nn.Parameter``), and :class:`ValueError` for a supported module
+    in an unsupported configuration.
+    """
+    layers = {}
+    for name, module in net.named_modules():
+        adapter = adapter_for(module)
+        own_params = [p for p, _ in module.named_parameters(recurse=False)]
+        if adapter is None:
+            if own_params:
+                where = f"'{name}'" if name else "the network itself"
+                raise TypeError(
+                    f"unsupported layer {where} of type {type(module).__name__} owns parameters "
+                    f"{own_params}; supported layers are Linear, Conv2d, BatchNorm1d and BatchNorm2d"
+                )
+            continue
+        adapter.check(name or type(module).__name__, module)
+        layers[name] = (module, adapter)
+    if not any(adapter.param_names(module) for module, adapter in layers.values()):
+        raise ValueError("the network has no Linear, Conv2d or BatchNorm parameters to place a posterior on")
+    return layers
+
+
+@contextlib.contextmanager
+def sampled_forward(layers, params, num_samples, recorder=None):
+    """Within this context, every layer in ``layers`` runs with its M sampled parameters.
+
+    ``params`` maps each layer name to ``{"weight": (M, ...), "bias": (M, ...)}``.
+    """
+    try:
+        for name, (module, adapter) in layers.items():
+            module.forward = _bind(adapter, module, params.get(name, {}), num_samples, recorder, name)
+        yield
+    finally:
+        for module, _ in layers.values():
+            module.__dict__.pop("forward", None)
+
+
+def _bind(adapter, module, params, num_samples, recorder, name):
+    def forward(x):
+        return adapter.forward(module, x, params, num_samples, recorder, name)
+    return forward
+
+
+def stack_samples(x, num_samples):
+    """``(B, ...)`` → ``(M·B, ...)``: the input repeated once per weight sample."""
+    if num_samples == 1:
+        return x
+    return x.unsqueeze(0).expand(num_samples, *x.shape).reshape(-1, *x.shape[1:])
+
+
+def run_sampled(net, layers, params, x, num_samples, recorder=None):
+    """Network output for each of the M weight samples, shape ``(M, B, ...)``."""
+    with sampled_forward(layers, params, num_samples, recorder):
+        out = net(stack_samples(x, num_samples))
+    return out.reshape(num_samples, x.shape[0], *out.shape[1:])

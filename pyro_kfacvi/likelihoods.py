@@ -1,0 +1,59 @@
+"""Observation models p(y | x, θ) for :class:`~pyro_kfacvi.BayesianModel`.
+
+A likelihood turns the network output into a Pyro distribution, draws labels from it
+(for the Monte Carlo Fisher, ``fisher="mc"``) and averages per-sample predictions into the
+posterior predictive of eq. (1), p(y | x, D) ≈ (1/S) Σ_s p(y | x, θ_s).
+"""
+import torch
+import pyro.distributions as dist
+
+
+class Categorical:
+    """Classification: the network outputs logits of shape ``(..., C)``."""
+
+    event_dim = 0
+
+    def distribution(self, output):
+        return dist.Categorical(logits=output)
+
+    def check_targets(self, y):
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"Categorical labels must be an integer tensor, got dtype {y.dtype}")
+        if y.dim() != 1:
+            raise ValueError(f"Categorical labels must have shape (batch,), got {tuple(y.shape)}")
+
+    def predict(self, outputs):
+        """Per-sample class probabilities, shape ``(S, N, C)``."""
+        return outputs.softmax(-1)
+
+    def predictive(self, outputs):
+        """Eq. (1): the softmax averaged over the S posterior samples, shape ``(N, C)``."""
+        return self.predict(outputs).mean(0)
+
+
+class Gaussian:
+    """Regression with a fixed noise scale σ: y ~ N(f(x, θ), σ²I), output shape ``(..., D)``."""
+
+    event_dim = 1
+
+    def __init__(self, scale):
+        if not scale > 0:
+            raise ValueError(f"Gaussian noise scale must be positive, got {scale}")
+        self.scale = float(scale)
+
+    def distribution(self, output):
+        return dist.Normal(output, self.scale).to_event(1)
+
+    def check_targets(self, y):
+        if not y.is_floating_point():
+            raise TypeError(f"Gaussian targets must be a floating-point tensor, got dtype {y.dtype}")
+        if y.dim() != 2:
+            raise ValueError(f"Gaussian targets must have shape (batch, dim), got {tuple(y.shape)}")
+
+    def predict(self, outputs):
+        """Per-sample predictive means, shape ``(S, N, D)``."""
+        return outputs
+
+    def predictive(self, outputs):
+        """Predictive mean and variance: E_s[f_s] and Var_s[f_s] + σ² (law of total variance)."""
+        return outputs.mean(0), outputs.var(0, unbiased=False) + self.scale ** 2
