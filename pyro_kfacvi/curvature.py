@@ -37,15 +37,16 @@ def symmetric_eigh(matrix):
 
 
 class KroneckerFactors(nn.Module):
-    """F̂ ≈ A ⊗ G for a block matrix W̃ of shape ``(d_out, d_in)``; A is (d_in, d_in), G is (d_out, d_out)."""
+    """F̂ ≈ A ⊗ G for a block matrix W̃ like ``like`` ``(d_out, d_in)``; A is (d_in, d_in), G is (d_out, d_out)."""
 
-    def __init__(self, shape):
+    def __init__(self, like):
         super().__init__()
-        d_out, d_in = shape
+        d_out, d_in = like.shape
+        options = {"dtype": like.dtype, "device": like.device}
         for side, dim in (("A", d_in), ("G", d_out)):
-            self.register_buffer(side, torch.eye(dim))
-            self.register_buffer(f"eigenvalues_{side}", torch.ones(dim))
-            self.register_buffer(f"eigenvectors_{side}", torch.eye(dim))
+            self.register_buffer(side, torch.eye(dim, **options))
+            self.register_buffer(f"eigenvalues_{side}", torch.ones(dim, **options))
+            self.register_buffer(f"eigenvectors_{side}", torch.eye(dim, **options))
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
@@ -84,11 +85,11 @@ class KroneckerFactors(nn.Module):
 
 
 class DiagonalFactors(nn.Module):
-    """Diagonal F̂ for a block vector of shape ``(d,)``."""
+    """Diagonal F̂ for a block vector like ``like`` ``(d,)``."""
 
-    def __init__(self, shape):
+    def __init__(self, like):
         super().__init__()
-        self.register_buffer("diagonal", torch.ones(shape))
+        self.register_buffer("diagonal", torch.ones_like(like))
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()

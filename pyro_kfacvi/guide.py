@@ -25,7 +25,7 @@ class PosteriorBlock(nn.Module):
         params = {p: getattr(module, p).detach() for p in adapter.param_names(module)}
         self.register_buffer("loc", adapter.join(module, params).clone())
         factors = KroneckerFactors if adapter.kind == "kronecker" else DiagonalFactors
-        self.curvature = factors(self.loc.shape)
+        self.curvature = factors(self.loc)
 
     @property
     def aux_site(self):

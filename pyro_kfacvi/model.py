@@ -100,5 +100,5 @@ class BayesianModel(nn.Module):
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"x and y hold different numbers of examples: {x.shape[0]} and {y.shape[0]}")
             self.likelihood.check_targets(y)
-        if x.shape[0] > self.num_data:
-            raise ValueError(f"the batch ({x.shape[0]} examples) is larger than num_data={self.num_data}")
+            if x.shape[0] > self.num_data:
+                raise ValueError(f"the batch ({x.shape[0]} examples) is larger than num_data={self.num_data}")

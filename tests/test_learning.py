@@ -1,0 +1,52 @@
+"""End-to-end learning on a synthetic problem, and the uncertainty it should show."""
+import math
+
+import pyro
+import pytest
+import torch
+from torch import nn
+
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, Predictive
+from pyro_kfacvi.metrics import accuracy, predictive_entropy
+
+
+def blobs(n, generator):
+    """Two Gaussian classes at (±1.5, 0), unit variance."""
+    y = torch.randint(0, 2, (n,), generator=generator)
+    x = torch.randn(n, 2, generator=generator) * 0.7
+    x[:, 0] += 3.0 * y - 1.5
+    return x, y
+
+
+def train(rho, steps=300):
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y = blobs(256, g)
+    net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    model = BayesianModel(net, Categorical(), prior_variance=1.0, num_data=len(x))
+    guide = KroneckerGuide(model, rho=rho, damping=0.1)
+    engine = KFACVI(model, guide, lr=0.05, momentum=0.9, num_particles=1 if rho == 0 else 8, beta=0.1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        engine.step(x[idx], y[idx])
+    x_test, y_test = blobs(2000, g)
+    return model, guide, x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {"kfac": train(0.0), "noisy": train(None)}
+
+
+@pytest.mark.parametrize("name", ["kfac", "noisy"])
+def test_reaches_95_percent(runs, name):
+    model, guide, x, y = runs[name]
+    assert accuracy(Predictive(model, guide, 32)(x), y) >= 0.95
+
+
+def test_bayesian_predictive_is_less_certain_away_from_the_data(runs):
+    angles = torch.linspace(0, 2 * math.pi, 64)
+    far = 12.0 * torch.stack([angles.cos(), angles.sin()], 1)
+    entropy = {name: predictive_entropy(Predictive(m, g, 64)(far)).mean().item() for name, (m, g, _, _) in runs.items()}
+    assert entropy["noisy"] > 3 * entropy["kfac"] and entropy["noisy"] > entropy["kfac"] + 0.02
