@@ -39,8 +39,9 @@ def symmetric_eigh(matrix):
 class KroneckerFactors(nn.Module):
     """F̂ ≈ A ⊗ G for a block matrix W̃ like ``like`` ``(d_out, d_in)``; A is (d_in, d_in), G is (d_out, d_out)."""
 
-    def __init__(self, like):
+    def __init__(self, like, split_damping=False):
         super().__init__()
+        self.split_damping = split_damping
         d_out, d_in = like.shape
         options = {"dtype": like.dtype, "device": like.device}
         for side, dim in (("A", d_in), ("G", d_out)):
@@ -66,8 +67,15 @@ class KroneckerFactors(nn.Module):
             getattr(self, f"eigenvectors_{side}").copy_(vectors)
 
     def eigenvalues(self, damping):
-        """Eigenvalues of A ⊗ G + γI arranged as the block: e_G[i]·e_A[j] + γ."""
-        return torch.outer(self.eigenvalues_G, self.eigenvalues_A) + damping
+        """Eigenvalues of the damped curvature arranged as the block: e_G[i]·e_A[j] + γ (exact),
+        or (e_G[i] + √γ/π)(e_A[j] + π√γ) for ``split_damping`` — the factored damping of K-FAC and
+        torchsso, (A + π√γ I) ⊗ (G + √γ/π I), with the trace-norm π = √((tr A/d_A)/(tr G/d_G))."""
+        e_a, e_g = self.eigenvalues_A, self.eigenvalues_G
+        if not self.split_damping:
+            return torch.outer(e_g, e_a) + damping
+        pi = (e_a.mean() / e_g.mean().clamp_min(torch.finfo(e_g.dtype).tiny)).sqrt()
+        root = damping ** 0.5
+        return torch.outer(e_g + root / pi, e_a + root * pi)
 
     def to_eigenbasis(self, w):
         return self.eigenvectors_G.T @ w @ self.eigenvectors_A
@@ -87,9 +95,9 @@ class KroneckerFactors(nn.Module):
 class DiagonalFactors(nn.Module):
     """Diagonal F̂ for a block vector like ``like`` ``(d,)``."""
 
-    def __init__(self, like):
+    def __init__(self, like, split_damping=False):
         super().__init__()
-        self.register_buffer("diagonal", torch.ones_like(like))
+        self.register_buffer("diagonal", torch.ones_like(like))  # split damping is exact for a diagonal
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()

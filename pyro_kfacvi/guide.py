@@ -17,7 +17,7 @@ class PosteriorBlock(nn.Module):
     Holds the mean μ (initialised from the layer's current parameters) and the curvature F̂.
     """
 
-    def __init__(self, name, module, adapter, sites):
+    def __init__(self, name, module, adapter, sites, split_damping=False):
         super().__init__()
         self.name = name
         self._layer = (module, adapter)
@@ -25,7 +25,7 @@ class PosteriorBlock(nn.Module):
         params = {p: getattr(module, p).detach() for p in adapter.param_names(module)}
         self.register_buffer("loc", adapter.join(module, params).clone())
         factors = KroneckerFactors if adapter.kind == "kronecker" else DiagonalFactors
-        self.curvature = factors(self.loc)
+        self.curvature = factors(self.loc, split_damping)
 
     @property
     def aux_site(self):
@@ -66,9 +66,12 @@ class KroneckerGuide(nn.Module):
     :param float rho: posterior scale ρ, see above.
     :param float kl_weight: weight of the KL term in the ELBO-exact mode.
     :param float damping: γ, the damping of the curvature (``KFACVI(damping=...)`` sets it too).
+    :param bool split_damping: damp the factors, (A + π√γ I) ⊗ (G + √γ/π I), as K-FAC and
+        torchsso do, instead of the exact A ⊗ G + γI (default). Σ and the preconditioner stay
+        consistent either way (both use the same damped eigenvalues).
     """
 
-    def __init__(self, model, rho=None, kl_weight=1.0, damping=1e-3):
+    def __init__(self, model, rho=None, kl_weight=1.0, damping=1e-3, split_damping=False):
         super().__init__()
         if rho is not None and not (rho >= 0 and math.isfinite(rho)):
             raise ValueError(f"rho must be None or a finite number >= 0, got {rho}")
@@ -83,7 +86,7 @@ class KroneckerGuide(nn.Module):
         for layer, (module, adapter) in model.layers.items():
             names = {param: site for site, (owner, param, _) in sites.items() if owner == layer}
             if names:
-                blocks.append(PosteriorBlock(layer, module, adapter, names))
+                blocks.append(PosteriorBlock(layer, module, adapter, names, split_damping))
         self.blocks = nn.ModuleList(blocks)
 
     @property
