@@ -104,6 +104,7 @@ class KFACVI:
         with_curvature = t % self.curvature_every == 0
         stats = self.statistics(x, y, self.guide.sample_blocks(self.num_particles), with_curvature)
         loss = stats.nll + self.complexity()
+        self.check_finite(t, loss, stats)
         if with_curvature:
             for block, factors in zip(self.guide.blocks, stats.factors):
                 block.curvature.update(factors, self.beta)  # (9)
@@ -113,6 +114,16 @@ class KFACVI:
         self.update(stats.grads, *self.hyperparameters(t))
         self.iteration += 1
         return loss.item()
+
+    @staticmethod
+    def check_finite(t, loss, stats):
+        """Reject a step whose loss, gradients or curvature are not finite, before any state changes."""
+        tensors = [loss, *stats.grads, *(f for fs in stats.factors or [] for f in fs)]
+        if not bool(torch.stack([torch.isfinite(v).all() for v in tensors]).all()):
+            raise FloatingPointError(
+                f"non-finite loss, gradient or curvature at iteration {t} (loss {loss.item():.4g}); the guide "
+                "was left unchanged. Typical causes: NaN/Inf in the inputs, a learning rate too large for the "
+                "damping (increase damping or use split_damping=True), or a diverged run.")
 
     @torch.no_grad()
     def evaluate_loss(self, x, y):
@@ -157,7 +168,8 @@ class KFACVI:
         leaves = [s.detach().requires_grad_() for s in block_samples]
         recorder = Recorder() if with_curvature else None
         out = run_sampled(model.net, model.layers, self.guide.layer_params(leaves), x, leaves[0].shape[0], recorder)
-        nll = -model.likelihood.distribution(out).log_prob(y).sum()
+        likelihood = model.likelihood
+        nll = -likelihood.distribution(out, validate_args=False).log_prob(y).sum()
         if not with_curvature:
             return nll.detach(), [g.sum(0) for g in torch.autograd.grad(nll, leaves)], None
         outputs = [recorder.outputs[block.name] for block in blocks]
@@ -166,8 +178,8 @@ class KFACVI:
             weight_grads, output_grads = grads[: len(leaves)], grads[len(leaves):]
         else:
             weight_grads = torch.autograd.grad(nll, leaves, retain_graph=True)
-            sampled = model.likelihood.distribution(out.detach()).sample()
-            output_grads = torch.autograd.grad(-model.likelihood.distribution(out).log_prob(sampled).sum(), outputs)
+            sampled = likelihood.distribution(out.detach(), validate_args=False).sample()
+            output_grads = torch.autograd.grad(-likelihood.distribution(out).log_prob(sampled).sum(), outputs)
         factors = [self._factors(block, recorder, g) for block, g in zip(blocks, output_grads)]
         return nll.detach(), [g.sum(0) for g in weight_grads], factors
 

@@ -13,8 +13,8 @@ class Categorical:
 
     event_dim = 0
 
-    def distribution(self, output):
-        return dist.Categorical(logits=output)
+    def distribution(self, output, validate_args=None):
+        return dist.Categorical(logits=output, validate_args=validate_args)
 
     def check_targets(self, y):
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -41,8 +41,8 @@ class Gaussian:
             raise ValueError(f"Gaussian noise scale must be positive, got {scale}")
         self.scale = float(scale)
 
-    def distribution(self, output):
-        return dist.Normal(output, self.scale).to_event(1)
+    def distribution(self, output, validate_args=None):
+        return dist.Normal(output, self.scale, validate_args=validate_args).to_event(1)
 
     def check_targets(self, y):
         if not y.is_floating_point():

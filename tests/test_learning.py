@@ -50,3 +50,20 @@ def test_bayesian_predictive_is_less_certain_away_from_the_data(runs):
     far = 12.0 * torch.stack([angles.cos(), angles.sin()], 1)
     entropy = {name: predictive_entropy(Predictive(m, g, 64)(far)).mean().item() for name, (m, g, _, _) in runs.items()}
     assert entropy["noisy"] > 3 * entropy["kfac"] and entropy["noisy"] > entropy["kfac"] + 0.02
+
+
+def test_non_finite_step_is_rejected_without_changing_the_guide():
+    model = BayesianModel(nn.Linear(2, 2), Categorical(), 1.0, 100)
+    guide = KroneckerGuide(model, rho=0.1)
+    engine = KFACVI(model, guide, lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    engine.step(x, y)
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    velocity = [v.clone() for v in engine.velocities]
+    x[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="iteration 1"):
+        engine.step(x, y)
+    for key, value in guide.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(engine.velocities, velocity))
+    assert engine.iteration == 1
