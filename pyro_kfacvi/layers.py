@@ -32,6 +32,14 @@ class Recorder:
         self.input_sums = {}
         self.outputs = {}
         self.normalized = {}
+        self.shared_input = None
+
+    def distinct_rows(self, x, num_samples):
+        """The rows of ``x`` that differ, and how often each repeats: the network input is the same
+        for every weight sample, so a first layer's input statistics need only one copy of it."""
+        if x is self.shared_input and num_samples > 1:
+            return x[: x.shape[0] // num_samples], num_samples
+        return x, 1
 
     def record(self, name, output, input_sum=None, normalized=None):
         self.outputs[name] = output
@@ -118,9 +126,11 @@ class LinearAdapter(KroneckerAdapter):
             out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
             out = out.reshape(*x.shape[:-1], module.out_features)
         if recorder is not None:
-            patches = x.detach().reshape(-1, module.in_features)
+            rows, repeats = recorder.distinct_rows(x, num_samples)
+            rows = rows.detach()
+            patches = rows.reshape(-1, module.in_features)
             # A = E_n[(1/T) Σ_t ã_t ã_tᵀ]: averaged over positions t (eq. 8, K-FAC input factor)
-            input_sum = self.homogeneous_outer(patches, bias is not None) / self.positions(module, x)
+            input_sum = self.homogeneous_outer(patches, bias is not None) * (repeats / self.positions(module, x))
             recorder.record(name, out, input_sum=input_sum)
         return out
 
@@ -156,11 +166,14 @@ class Conv2dAdapter(KroneckerAdapter):
             out = self.conv(module, stacked, weight.flatten(0, 1), None if bias is None else bias.flatten(), num_samples)
             out = out.unflatten(1, (num_samples, -1)).transpose(0, 1).flatten(0, 1)
         if recorder is not None:
-            patches = F.unfold(x.detach(), module.kernel_size, module.dilation, self.numeric_padding(module), module.stride)
+            rows, repeats = recorder.distinct_rows(x, num_samples)
+            rows = rows.detach()
+            patches = F.unfold(rows, module.kernel_size, module.dilation, self.numeric_padding(module), module.stride)
             positions = patches.shape[-1]
-            patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            patches = patches.transpose(0, 1).reshape(patches.shape[1], -1).T
             # A = E_n[(1/T) Σ_t ã_t ã_tᵀ] over the T output positions (KFC, Grosse & Martens 2016)
-            recorder.record(name, out, input_sum=self.homogeneous_outer(patches, bias is not None) / positions)
+            input_sum = self.homogeneous_outer(patches, bias is not None) * (repeats / positions)
+            recorder.record(name, out, input_sum=input_sum)
         return out
 
 
@@ -301,6 +314,9 @@ def stack_samples(x, num_samples):
 
 def run_sampled(net, layers, params, x, num_samples, recorder=None):
     """Network output for each of the M weight samples, shape ``(M, B, ...)``."""
+    stacked = stack_samples(x, num_samples)
+    if recorder is not None:
+        recorder.shared_input = stacked
     with sampled_forward(layers, params, num_samples, recorder):
-        out = net(stack_samples(x, num_samples))
+        out = net(stacked)
     return out.reshape(num_samples, x.shape[0], *out.shape[1:])
