@@ -199,6 +199,7 @@ class KFACVI:
         damping, prior = guide.posterior_damping, guide.prior_precision
         coupled = prior + (self.weight_decay if self.weight_decay_mode == "coupled" else 0.0)
         decoupled = {"coupled": 0.0, "decoupled": self.weight_decay, "literal": self.weight_decay / lr}
+        self.velocities = [v.to(b.loc.device) for v, b in zip(self.velocities, guide.blocks)]
         for block, grad, velocity in zip(guide.blocks, grads, self.velocities):
             mean = block.loc
             direction = block.curvature.precondition(grad + coupled * mean, damping)  # (10)
