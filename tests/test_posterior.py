@@ -99,3 +99,22 @@ def test_point_mass_guide_returns_its_mean():
     weight, bias = guide_draws(guide, torch.zeros(1, 3), 4, ["weight", "bias"])
     assert torch.equal(weight, model.net.weight.detach().expand(4, 2, 3))
     assert torch.equal(bias, model.net.bias.detach().expand(4, 2))
+
+
+def test_split_damping_preconditions_with_the_damped_factors():
+    """split_damping: (A + π√γ I) ⊗ (G + √γ/π I) with π² = (tr A/d_A)/(tr G/d_G), against a dense solve."""
+    damping = 0.04
+    model = BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 100)
+    guide = KroneckerGuide(model, rho=0.5, damping=damping, split_damping=True)
+    curvature = guide.blocks[0].curvature
+    a, g = torch.randn(4, 4), torch.randn(2, 2)
+    a, g = a @ a.T, g @ g.T
+    curvature.update((a, g), beta=1.0)
+    curvature.refresh()
+    pi = ((a.trace() / 4) / (g.trace() / 2)).sqrt()
+    dense = torch.kron(a + pi * damping**0.5 * torch.eye(4), g + damping**0.5 / pi * torch.eye(2))
+    grad = torch.randn(2, 4)
+    expected = torch.linalg.solve(dense, grad.T.reshape(-1)).reshape(4, 2).T
+    torch.testing.assert_close(curvature.precondition(grad, damping), expected)
+    q = guide.distributions()[0]
+    torch.testing.assert_close(q.scale**2, 0.25 / curvature.eigenvalues(damping))
