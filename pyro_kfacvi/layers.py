@@ -49,7 +49,15 @@ class Recorder:
             self.normalized[name] = normalized
 
 
-class KroneckerAdapter:
+class Adapter:
+    """Base of the per-layer extensions."""
+
+    @staticmethod
+    def check(name, module):
+        """Raise ``ValueError`` for a configuration of the module that the adapter cannot run."""
+
+
+class KroneckerAdapter(Adapter):
     """Shared part of ``Linear`` and ``Conv2d``: the block matrix W̃ = [W | b]."""
 
     kind = "kronecker"
@@ -102,10 +110,6 @@ class KroneckerAdapter:
 
 
 class LinearAdapter(KroneckerAdapter):
-    @staticmethod
-    def check(name, module):
-        pass
-
     @staticmethod
     def output_outer(grad):
         """Σ over examples and positions of g gᵀ, with ``grad`` of shape ``(n, ..., d_out)``."""
@@ -177,14 +181,10 @@ class Conv2dAdapter(KroneckerAdapter):
         return out
 
 
-class BatchNormAdapter:
+class BatchNormAdapter(Adapter):
     """``BatchNorm1d/2d``: block vector [γ, β], diagonal curvature from per-example gradients."""
 
     kind = "diagonal"
-
-    @staticmethod
-    def check(name, module):
-        pass
 
     @staticmethod
     def param_names(module):
