@@ -26,12 +26,17 @@ def ema_(average, new, beta, initialized):
 
 
 def symmetric_eigh(matrix):
-    """Eigendecomposition of a PSD matrix: symmetrised, in float64 if float32 fails, with
-    eigenvalues clamped at zero (round-off can make them slightly negative)."""
+    """Eigendecomposition of a PSD matrix: symmetrised, with eigenvalues clamped at zero
+    (round-off makes them slightly negative). LAPACK can fail in float32 — by raising, or
+    silently with NaN output when the matrix holds denormal numbers (e.g. G of dead ReLU
+    units) — so a failed or non-finite float32 result is redone in float64."""
     sym = 0.5 * (matrix + matrix.T)
     try:
         eigenvalues, eigenvectors = torch.linalg.eigh(sym)
+        ok = bool(torch.isfinite(eigenvalues).all() and torch.isfinite(eigenvectors).all())
     except RuntimeError:
+        ok = False
+    if not ok:
         eigenvalues, eigenvectors = torch.linalg.eigh(sym.double())
     return eigenvalues.clamp_min(0).to(matrix.dtype), eigenvectors.to(matrix.dtype)
 

@@ -158,3 +158,23 @@ def test_batched_samples_equal_looped_samples(net_fn, shape):
         means.append([b.loc.clone() for b in guide.blocks])
     for b, l in zip(*means):
         torch.testing.assert_close(b, l, rtol=1e-5, atol=1e-10)
+
+
+def test_eigh_falls_back_to_float64_when_float32_returns_nan(monkeypatch):
+    """LAPACK's float32 eigh can return NaN silently (denormal entries): the float64 retry must be used."""
+    from pyro_kfacvi import curvature
+
+    real_eigh = torch.linalg.eigh
+
+    def flaky(matrix):
+        values, vectors = real_eigh(matrix)
+        if matrix.dtype == torch.float32:
+            return values * float("nan"), vectors
+        return values, vectors
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    m = torch.randn(5, 5, dtype=torch.float32)
+    m = m @ m.T
+    values, vectors = curvature.symmetric_eigh(m)
+    assert values.dtype == torch.float32 and torch.isfinite(values).all()
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m, rtol=1e-4, atol=1e-4)

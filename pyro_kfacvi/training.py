@@ -1,0 +1,398 @@
+"""Training loop for CIFAR-10: epochs of :meth:`KFACVI.step`, per-epoch evaluation, metrics,
+learning curves and resumable checkpoints.
+
+Outputs in the run folder ``DIR``:
+
+* ``DIR/metrics.json``: ``{"config": ..., "epochs": [one record per epoch], "final": {...}}``;
+* ``DIR/curves.png``: train and test accuracy against the epoch (and the NLL);
+* ``DIR/checkpoint.pt``: written atomically at every epoch end; :meth:`Trainer.resume` continues
+  from it and, on CPU, reproduces the uninterrupted run exactly.
+
+What is measured when (chosen to keep evaluation cheap next to training):
+
+* progress bar: the running mean of the step losses (negative ELBO per datum, or negative log
+  joint per datum for K-FAC; the epoch record splits it into ``data_loss``, the sampled-weights
+  NLL per datum, and ``complexity``, kl_weight·KL/N or −log p(μ)/N) and ``acc``, a running train accuracy: every ``probe_every`` (50)
+  steps, the accuracy of the posterior *mean* on the current minibatch (one no-grad forward of
+  B images; it does not touch any RNG), averaged over the probes of the epoch so far;
+* per epoch: ``train_acc`` is the accuracy of the posterior predictive with ``eval_samples``
+  samples (0: the posterior mean) on a fixed subset of the first ``train_eval_size`` (5,000)
+  training images, and ``test_acc/test_nll/test_ece`` (15 bins)``/test_brier`` the same
+  predictive on the whole test set;
+* ``final``: the Monte Carlo posterior predictive of eq. (1) with ``test_samples`` samples on the
+  test set (and the train subset).
+
+Evaluation draws its weight samples from a separate RNG stream seeded from ``config.seed`` and the
+epoch (``torch.random.fork_rng``), so evaluating does not change the training trajectory and
+``kfacvi evaluate`` with the same S reproduces the ``final`` record.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .layers import run_sampled
+from .predictive import Predictive
+from .presets import TrainConfig, build, effective_warmup
+
+__all__ = ["CHECKPOINT", "CURVES", "METRICS", "TrainingDiverged", "Trainer", "evaluate", "load_checkpoint",
+           "mean_outputs", "seed_everything"]
+
+CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.json", "curves.png"
+ECE_BINS = 15
+#: offset of the evaluation RNG stream (evaluation at epoch e uses seed + EVAL_SEED * (e + 1);
+#: the final evaluation uses e = -1, i.e. seed + 0 ... see _eval_seed).
+EVAL_SEED = 1_000_003
+
+
+class TrainingDiverged(RuntimeError):
+    """A step produced a non-finite loss, gradient or curvature."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy, Python's ``random`` and Pyro."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+
+
+def _eval_seed(seed: int, epoch: int | None) -> int:
+    """Seed of the evaluation stream after ``epoch`` (``None``: the final evaluation)."""
+    return (seed + EVAL_SEED * (0 if epoch is None else epoch + 1)) % (2 ** 63)
+
+
+@torch.no_grad()
+def mean_outputs(model, guide, x, batch_size=1000):
+    """Network outputs at the posterior mean μ, shape ``(N, C)``, in eval mode (BatchNorm uses its
+    running statistics and does not update them). Draws no random numbers."""
+    params = guide.layer_params([block.loc.unsqueeze(0) for block in guide.blocks])
+    training = model.training
+    model.eval()
+    try:
+        return torch.cat([run_sampled(model.net, model.layers, params, xb, 1)[0] for xb in x.split(batch_size)])
+    finally:
+        model.train(training)
+
+
+def predictive_probs(model, guide, x, num_samples, seed):
+    """Class probabilities: the posterior mean's softmax (``num_samples=0``) or the Monte Carlo
+    predictive of eq. (1) with ``num_samples`` samples drawn from a private RNG stream."""
+    if num_samples == 0:
+        return mean_outputs(model, guide, x).softmax(-1)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return Predictive(model, guide, num_samples)(x)
+
+
+def evaluate(model, guide, split, num_samples, seed=0, prefix="test_"):
+    """Accuracy, NLL, ECE (15 bins) and Brier score of the predictive on ``split``."""
+    probs = predictive_probs(model, guide, split.images, num_samples, seed).double()
+    probs = probs / probs.sum(-1, keepdim=True)  # remove float32 round-off before the checks
+    labels = split.labels
+    return {
+        f"{prefix}acc": metrics.accuracy(probs, labels),
+        f"{prefix}nll": metrics.nll(probs, labels),
+        f"{prefix}ece": metrics.ece(probs, labels, n_bins=ECE_BINS),
+        f"{prefix}brier": metrics.brier(probs, labels),
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(file)`` into a temporary file next to ``path``, flush, fsync, then rename over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read ``checkpoint.pt`` (or the checkpoint inside a run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+class Trainer:
+    """Trains ``(model, guide, engine)`` built from a :class:`TrainConfig` on ``data`` (a
+    :class:`~pyro_kfacvi.data.CIFAR10`, on the device to train on).
+
+    :param TrainConfig config: the run's hyperparameters.
+    :param data: object with ``train`` and ``test`` splits.
+    :param out_dir: run folder for metrics, curves and checkpoints (``None``: write nothing).
+    :param bool progress: show a tqdm progress bar.
+    :param log: callable receiving the per-epoch and summary lines (``None``: silent).
+    :param int probe_every: steps between running train-accuracy probes of the progress bar.
+
+    Use :meth:`run` (or :meth:`train_epoch` / :meth:`final_evaluation` step by step);
+    :meth:`resume` continues a run from its checkpoint.
+    """
+
+    def __init__(self, config: TrainConfig, data, out_dir=None, progress=True, log=print, probe_every=50):
+        self.config, self.data = config, data
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress, self.log, self.probe_every = progress, log, int(probe_every)
+        train = data.train if config.train_subset is None else data.train.subset(config.train_subset)
+        if config.batch_size > len(train):
+            raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({len(train)} images)")
+        self.train_split = train
+        self.train_eval_split = train.subset(min(config.train_eval_size, len(train)))
+        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        seed_everything(config.seed)
+        self.model, self.guide, self.engine = build(config, len(train), self.steps_per_epoch, device=train.device)
+        # data order: a CPU generator of its own, so the order is the same on every device
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0  # completed epochs
+        self.history: list[dict] = []
+        self.final: dict | None = None
+        self.elapsed = 0.0  # training + evaluation seconds over all sessions of this run
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    def _say(self, line: str) -> None:
+        if self.log is not None:
+            if self.progress:
+                tqdm.write(line, file=sys.stdout)
+            else:
+                self.log(line)
+
+    def train_epoch(self) -> dict:
+        """One pass over the training split; returns (and records) the epoch's metrics."""
+        cfg, engine = self.config, self.engine
+        start = time.perf_counter()
+        loss_sum, steps, probe_correct, probe_count, complexity_sum = 0.0, 0, 0, 0, 0.0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        try:
+            for x, y in self.train_split.batches(cfg.batch_size, shuffle=True, generator=self.generator):
+                t = engine.iteration
+                lr = engine.hyperparameters(t)[0]
+                with torch.no_grad():  # the KL (or -log prior) part of the loss, summed without a host sync
+                    complexity_sum = complexity_sum + engine.complexity()
+                try:
+                    loss = engine.step(x, y)
+                except FloatingPointError as exc:
+                    self._diverged(t, lr, str(exc))
+                if not math.isfinite(loss):
+                    self._diverged(t, lr, f"step returned loss {loss}")
+                loss_sum += loss
+                steps += 1
+                if steps % self.probe_every == 1 or self.probe_every == 1:
+                    pred = mean_outputs(self.model, self.guide, x).argmax(-1)
+                    probe_correct += int((pred == y).sum())
+                    probe_count += y.shape[0]
+                bar.update(1)
+                if steps % 10 == 0 or steps == self.steps_per_epoch:
+                    bar.set_postfix(loss=f"{loss_sum / steps:.4f}", acc=f"{probe_correct / max(probe_count, 1):.3f}",
+                                    lr=f"{lr:.3g}", refresh=False)
+        finally:
+            bar.close()
+        train_time = time.perf_counter() - start
+        record = {
+            "epoch": self.epoch + 1,
+            "iteration": engine.iteration,
+            "loss": loss_sum / steps,
+            "data_loss": (loss_sum - float(complexity_sum)) / steps,
+            "complexity": float(complexity_sum) / steps,
+            "lr": engine.hyperparameters(engine.iteration - 1)[0],
+            "momentum": engine.hyperparameters(engine.iteration - 1)[1],
+            "probe_train_acc": probe_correct / max(probe_count, 1),
+        }
+        seed = _eval_seed(cfg.seed, self.epoch)
+        record.update(evaluate(self.model, self.guide, self.train_eval_split, cfg.eval_samples, seed, "train_"))
+        record.update(evaluate(self.model, self.guide, self.data.test, cfg.eval_samples, seed, "test_"))
+        record["train_time"] = train_time
+        record["time"] = time.perf_counter() - start
+        self.elapsed += record["time"]
+        record["elapsed"] = self.elapsed
+        self.epoch += 1
+        self.history.append(record)
+        self._say(self.epoch_line(record))
+        if self.out_dir is not None:
+            self.save()
+        return record
+
+    def _diverged(self, t, lr, detail):
+        bad = [f"{block.name}.{name}" for block in self.guide.blocks
+               for name, value in block.named_buffers() if not bool(torch.isfinite(value).all())]
+        where = (f"\nNon-finite guide state before this step: {', '.join(bad)} (a curvature eigendecomposition "
+                 "that returned NaN poisons every later sample).") if bad else ""
+        message = (
+            f"training diverged at iteration {t} (epoch {self.epoch + 1}, lr {lr:.3g}): {detail}{where}\n"
+            f"Try a larger damping (--damping, now {self.config.damping:g}) or a smaller learning rate "
+            f"(--lr-scale, now {self.config.lr_scale:g}). The last checkpoint (if any) is from the end of "
+            f"epoch {self.epoch}."
+        )
+        if self.out_dir is not None:
+            self.write_metrics(error=message)
+        raise TrainingDiverged(message)
+
+    def final_evaluation(self) -> dict:
+        """The Monte Carlo predictive with ``test_samples`` samples on the test set (and on the
+        train subset); recorded as ``final``."""
+        cfg = self.config
+        start = time.perf_counter()
+        seed = _eval_seed(cfg.seed, None)
+        final = {"test_samples": cfg.test_samples, "epochs": self.epoch, "iteration": self.engine.iteration}
+        final.update(evaluate(self.model, self.guide, self.data.test, cfg.test_samples, seed, "test_"))
+        final.update(evaluate(self.model, self.guide, self.train_eval_split, cfg.test_samples, seed, "train_"))
+        final["eval_time"] = time.perf_counter() - start
+        self.elapsed += final["eval_time"]
+        final["wall_time"] = self.elapsed
+        self.final = final
+        self._say(self.summary_line(final))
+        if self.out_dir is not None:
+            self.save()
+        return final
+
+    def run(self) -> dict:
+        """Train the remaining epochs, then the final evaluation; returns the ``final`` record."""
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            total = self.total_steps
+            self._say(f"training {self.config.model} with {self.config.optimizer} on {len(self.train_split)} images: "
+                      f"{self.config.epochs} epochs x {self.steps_per_epoch} steps, warm-up "
+                      f"{effective_warmup(self.config, total)} steps; writing {self.out_dir}")
+        while self.epoch < self.config.epochs:
+            self.train_epoch()
+        return self.final_evaluation()
+
+    # ------------------------------------------------------------------------------------
+    @staticmethod
+    def epoch_line(r: dict) -> str:
+        return (f"epoch {r['epoch']:3d}  loss {r['loss']:.4f}  lr {r['lr']:.3g}  train_acc {r['train_acc']:.4f}  "
+                f"test_acc {r['test_acc']:.4f}  nll {r['test_nll']:.4f}  ece {r['test_ece']:.4f}  "
+                f"brier {r['test_brier']:.4f}  ({r['time']:.1f}s)")
+
+    @staticmethod
+    def summary_line(f: dict) -> str:
+        return (f"final (S={f['test_samples']}): test_acc {f['test_acc']:.4f}  test_nll {f['test_nll']:.4f}  "
+                f"test_ece {f['test_ece']:.4f}  test_brier {f['test_brier']:.4f}  train_acc {f['train_acc']:.4f}  "
+                f"wall {f['wall_time']:.1f}s")
+
+    def metrics_dict(self, **extra) -> dict:
+        out = {"config": self.config.to_dict(), "num_train": len(self.train_split),
+               "steps_per_epoch": self.steps_per_epoch, "epochs": self.history}
+        if self.final is not None:
+            out["final"] = self.final
+        out.update(extra)
+        return out
+
+    def write_metrics(self, **extra) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.metrics_dict(**extra), indent=2, allow_nan=True) + "\n"
+        _atomic_write(self.out_dir / METRICS, lambda f: f.write(text.encode()))
+
+    def plot(self) -> None:
+        """``curves.png``: train and test accuracy per epoch (left, as the paper's Figure 1) and the
+        NLL per datum (right: the data term of the training loss and the test NLL)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        epochs = [r["epoch"] for r in self.history]
+        fig = Figure(figsize=(9, 3.6))
+        FigureCanvasAgg(fig)
+        ax, ax_loss = fig.subplots(1, 2)
+        ax.plot(epochs, [r["train_acc"] for r in self.history], "o-", label="train")
+        ax.plot(epochs, [r["test_acc"] for r in self.history], "s-", label="test")
+        if self.final is not None:
+            ax.plot([self.final["epochs"]], [self.final["test_acc"]], "k*", markersize=10,
+                    label=f"test, S={self.final['test_samples']}")
+        ax.set(xlabel="epoch", ylabel="accuracy",
+               title=f"{self.config.model} {self.config.optimizer}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax_loss.plot(epochs, [r.get("data_loss", math.nan) for r in self.history], "o-", label="train (data term of the step loss)")
+        ax_loss.plot(epochs, [r["test_nll"] for r in self.history], "s-", label="test NLL")
+        ax_loss.set(xlabel="epoch", ylabel="negative log-likelihood per datum", title="NLL")
+        ax_loss.legend()
+        ax_loss.grid(alpha=0.3)
+        fig.tight_layout()
+        _atomic_write(self.out_dir / CURVES, lambda f: fig.savefig(f, format="png", dpi=110))
+
+    # ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "data_order": self.generator.get_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": 1, "config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
+            "guide": self.guide.state_dict(), "engine": self.engine.state_dict(), "history": self.history,
+            "final": self.final, "elapsed": self.elapsed, "rng": rng,
+        }
+
+    def save(self) -> None:
+        """Write checkpoint, metrics and curves (the checkpoint atomically)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = self.state()
+        _atomic_write(self.out_dir / CHECKPOINT, lambda f: torch.save(state, f))
+        self.write_metrics()
+        self.plot()
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.guide.load_state_dict(state["guide"])
+        self.engine.load_state_dict(state["engine"])
+        self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self.final, self.elapsed = state.get("final"), float(state.get("elapsed", 0.0))
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.generator.set_state(rng["data_order"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    @classmethod
+    def resume(cls, run_dir, data, progress=True, log=print, probe_every=50):
+        """Continue the run saved in ``run_dir/checkpoint.pt`` (its configuration, its folder)."""
+        state = load_checkpoint(run_dir)
+        config = TrainConfig.from_dict(state["config"])
+        trainer = cls(config, data, out_dir=Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent,
+                      progress=progress, log=log, probe_every=probe_every)
+        trainer.load_state(state)
+        if trainer.log is not None:
+            trainer._say(f"resumed {run_dir} after epoch {trainer.epoch} (iteration {trainer.engine.iteration})")
+        return trainer
+
+    @classmethod
+    def from_checkpoint(cls, path, data, **kwargs):
+        """A trainer holding the checkpoint's model and guide, writing nothing (for evaluation)."""
+        state = load_checkpoint(path)
+        trainer = cls(TrainConfig.from_dict(state["config"]), data, out_dir=None, progress=False, log=None, **kwargs)
+        trainer.load_state(state)
+        return trainer
