@@ -1,0 +1,65 @@
+"""Time per training iteration of a preset's network with M weight samples (random CIFAR-shaped data).
+
+Used for docs/results.md: the per-iteration cost of ResNet18 and LeNet5 at M = 1 and 10 on the
+device at hand, and the projected wall time of a full run (iterations × median step time).
+
+    python benchmarks/iteration_time.py --model resnet18 --samples 1,10 --device cuda
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide
+from pyro_kfacvi.models import build_model
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_step_seconds(model_name, num_samples, device, steps, warmup, batch=64):
+    torch.manual_seed(0)
+    model = BayesianModel(build_model(model_name).to(device), Categorical(), 1.0, 50_000)
+    rho = 0.0 if num_samples == 1 else 6e-5
+    guide = KroneckerGuide(model, rho=rho, damping=1e-7, split_damping=True).to(device)
+    engine = KFACVI(model, guide, lr=1e-6, momentum=0.9, beta=0.333, num_particles=num_samples)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    times = []
+    for i in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        engine.step(x, y)
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18", choices=["lenet5", "resnet18"])
+    parser.add_argument("--samples", default="1,10", help="comma-separated M values")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30, help="for the projected full-run time")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    rows = []
+    for m in (int(s) for s in args.samples.split(",")):
+        seconds = median_step_seconds(args.model, m, device, args.steps, args.warmup)
+        hours = seconds * 782 * args.epochs / 3600
+        rows.append({"model": args.model, "M": m, "ms_per_iteration": 1000 * seconds, "projected_hours": hours})
+        print(f"{args.model} M={m:3d}: {1000 * seconds:8.1f} ms/iteration; {args.epochs} epochs × 782 "
+              f"iterations ≈ {hours:.2f} h  ({name}, torch {torch.__version__})", flush=True)
+    print(json.dumps({"device": name, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
