@@ -67,3 +67,19 @@ def test_non_finite_step_is_rejected_without_changing_the_guide():
         assert torch.equal(value, before[key]), key
     assert all(torch.equal(a, b) for a, b in zip(engine.velocities, velocity))
     assert engine.iteration == 1
+
+
+def test_resnet18_steps_end_to_end():
+    """The CIFAR ResNet18 (20 convolutions, 20 BatchNorms, residual adds) through the batched engine."""
+    from pyro_kfacvi.models import ResNet18
+
+    torch.manual_seed(0)
+    model = BayesianModel(ResNet18(), Categorical(), 1.0, 50_000)
+    guide = KroneckerGuide(model, rho=8e-6, damping=2e-7, split_damping=True)
+    engine = KFACVI(model, guide, lr=6e-7, momentum=0.3, num_particles=2, beta=0.333)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    assert math.isfinite(engine.step(x, y))
+    kinds = {type(b.curvature).__name__ for b in guide.blocks}
+    assert kinds == {"KroneckerFactors", "DiagonalFactors"} and len(guide.blocks) == 20 + 20 + 1
+    probs = Predictive(model, guide, 2)(x)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
