@@ -124,6 +124,3 @@ class DiagonalFactors(nn.Module):
 
     def precondition(self, grad, damping):
         return grad / self.eigenvalues(damping)
-
-    def dense(self):
-        return torch.diag(self.diagonal)

@@ -11,8 +11,6 @@ import pyro.distributions as dist
 class Categorical:
     """Classification: the network outputs logits of shape ``(..., C)``."""
 
-    event_dim = 0
-
     def distribution(self, output, validate_args=None):
         return dist.Categorical(logits=output, validate_args=validate_args)
 
@@ -33,8 +31,6 @@ class Categorical:
 
 class Gaussian:
     """Regression with a fixed noise scale σ: y ~ N(f(x, θ), σ²I), output shape ``(..., D)``."""
-
-    event_dim = 1
 
     def __init__(self, scale):
         if not scale > 0:
