@@ -13,8 +13,12 @@ Candidates (each owns its own freshly initialised network, model and guide, same
 * ``sgd``: forward + cross-entropy backward + ``torch.optim.SGD`` (momentum 0.9) update of a
   plain LeNet5 — the floor;
 * ``kfacvi{M}``: ``KFACVI(..., lr=1e-4, momentum=0.9, num_particles=M).step(x, y)`` with a
-  ``KroneckerGuide(rho=6e-5, damping=1e-3)`` and the default ``curvature_every=1``,
-  ``inverse_every=10`` and ``chunk_size`` — the M samples run batched through the network;
+  ``KroneckerGuide(rho=6e-5, damping=1e-3)``, ``curvature_every=K`` (``--curvature-every``,
+  default 1: factors every step, as in the paper's setting), ``inverse_every=max(10, K)`` and
+  the default ``chunk_size`` — the M samples run batched through the network. With K > 1 one
+  timed call is K consecutive steps (exactly one of which refreshes the curvature) and its time
+  is divided by K: the median is then the *amortised* cost per step, not the cost of the cheap
+  steps alone;
 * ``sequential{M}``: the same engine doing the same step with the M samples drawn and pushed
   through the network *one at a time*, torchsso-style: M calls of
   ``engine.statistics(x, y, guide.sample_blocks(1), with_curvature)`` whose NLL, gradients and
@@ -132,10 +136,11 @@ def fresh_model(device):
     return BayesianModel(LeNet5().to(device), Categorical(), PRIOR_VARIANCE, NUM_DATA)
 
 
-def kfacvi_engine(device, num_particles):
+def kfacvi_engine(device, num_particles, curvature_every=1):
     model = fresh_model(device)
     guide = KroneckerGuide(model, rho=RHO, damping=DAMPING).to(device)
-    return KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=num_particles)
+    return KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=num_particles,
+                  curvature_every=curvature_every, inverse_every=max(10, curvature_every))
 
 
 def sgd_step_fn(device, x, y):
@@ -153,9 +158,9 @@ def sgd_step_fn(device, x, y):
     return step
 
 
-def kfacvi_step_fn(device, x, y, num_samples):
-    engine = kfacvi_engine(device, num_samples)
-    return lambda: engine.step(x, y)
+def kfacvi_step_fn(device, x, y, num_samples, curvature_every):
+    engine = kfacvi_engine(device, num_samples, curvature_every)
+    return lambda: [engine.step(x, y) for _ in range(curvature_every)]
 
 
 def add_statistics(total, part):
@@ -197,9 +202,9 @@ def sequential_step(engine, x, y, num_samples):
     return loss.item()
 
 
-def sequential_step_fn(device, x, y, num_samples):
-    engine = kfacvi_engine(device, num_samples)
-    return lambda: sequential_step(engine, x, y, num_samples)
+def sequential_step_fn(device, x, y, num_samples, curvature_every):
+    engine = kfacvi_engine(device, num_samples, curvature_every)
+    return lambda: [sequential_step(engine, x, y, num_samples) for _ in range(curvature_every)]
 
 
 def pyro_svi_step_fn(device, x, y, num_samples):
@@ -211,11 +216,18 @@ def pyro_svi_step_fn(device, x, y, num_samples):
     return lambda: svi.step(x, y)
 
 
-def make_step_fn(kind, num_samples, device, x, y):
+def steps_per_call(kind, curvature_every):
+    """Engine steps done by one call of a candidate's step function."""
+    return curvature_every if kind in ("kfacvi", "sequential") else 1
+
+
+def make_step_fn(kind, num_samples, device, x, y, curvature_every=1):
     if kind == "sgd":
         return sgd_step_fn(device, x, y)
-    builders = {"kfacvi": kfacvi_step_fn, "sequential": sequential_step_fn, "pyro_svi": pyro_svi_step_fn}
-    return builders[kind](device, x, y, num_samples)
+    if kind == "pyro_svi":
+        return pyro_svi_step_fn(device, x, y, num_samples)
+    builders = {"kfacvi": kfacvi_step_fn, "sequential": sequential_step_fn}
+    return builders[kind](device, x, y, num_samples, curvature_every)
 
 
 def candidate_name(kind, num_samples):
@@ -240,33 +252,34 @@ def candidate_list(sample_counts):
 class Candidate:
     name: str
     step: callable
+    steps_per_call: int = 1
     steps_per_round: int = 1
     times: list = field(default_factory=list)
 
 
-def timed_steps(step, count, device):
-    """Wall seconds of each of ``count`` consecutive steps."""
+def timed_steps(step, count, device, steps_per_call=1):
+    """Wall seconds per step of each of ``count`` consecutive calls of ``step``."""
     times = []
     for _ in range(count):
         synchronize(device)
         start = time.perf_counter()
         step()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / steps_per_call)
     return times
 
 
 def measure_steps(candidates, rounds, warmup, round_seconds, device):
     """Warm up every candidate, then run ``rounds`` round-robin rounds (rotating the start)."""
     for c in candidates:
-        fastest = min(timed_steps(c.step, max(1, warmup), device))
+        fastest = min(timed_steps(c.step, max(1, warmup), device, c.steps_per_call)) * c.steps_per_call
         c.steps_per_round = max(1, round(round_seconds / fastest))
         print(f"  warm-up {c.name:<14} {1000 * fastest:9.1f} ms/step -> {c.steps_per_round} step(s)/round", flush=True)
     for r in range(rounds):
         start = time.perf_counter()
         shift = r % len(candidates)
         for c in candidates[shift:] + candidates[:shift]:
-            c.times += timed_steps(c.step, c.steps_per_round, device)
+            c.times += timed_steps(c.step, c.steps_per_round, device, c.steps_per_call)
         print(f"  round {r + 1}/{rounds} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
@@ -298,7 +311,7 @@ def reset_peak_rss():
         print(f"warning: cannot reset the RSS high-water mark ({error}); peak is an upper bound", file=sys.stderr)
 
 
-def memory_probe(kind, num_samples, device):
+def memory_probe(kind, num_samples, device, curvature_every):
     """Run in a fresh process: peak memory increase (MB) over MEMORY_STEPS steps of one candidate.
 
     One untimed step first, so that lazily loaded library code and one-off allocations are not
@@ -306,7 +319,7 @@ def memory_probe(kind, num_samples, device):
     the measured steps. On CPU the subprocess runs with a fixed glibc mmap threshold, so freed
     tensors go back to the OS and the warm-up step's memory cannot be silently reused."""
     x, y = random_batch(device)
-    step = make_step_fn(kind, num_samples, device, x, y)
+    step = make_step_fn(kind, num_samples, device, x, y, curvature_every)
     timed_steps(step, 1, device)
     gc.collect()
     if device.type == "cuda":
@@ -326,7 +339,7 @@ def measure_memory(pairs, args):
     result = {}
     for kind, m in pairs:
         command = [sys.executable, os.path.abspath(__file__), "--device", args.device,
-                   "--memory-probe", f"{kind}:{m}"]
+                   "--memory-probe", f"{kind}:{m}", "--curvature-every", str(args.curvature_every)]
         if args.threads:
             command += ["--threads", str(args.threads)]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
@@ -428,6 +441,8 @@ def parse_args():
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--predictive-rounds", type=int, default=2, help="0 skips the predictive (default 2)")
     parser.add_argument("--test-size", type=int, default=10_000, help="predictive test images (default 10000)")
+    parser.add_argument("--curvature-every", type=int, default=1, metavar="K",
+                        help="KFAC-VI curvature refresh every K steps, timed per K-step cycle (default 1)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: "kind:M", run in a subprocess
     return parser.parse_args()
 
@@ -439,18 +454,21 @@ def main():
     device = torch.device(args.device)
     if args.memory_probe:
         kind, m = args.memory_probe.split(":")
-        print(json.dumps({"peak_mb": memory_probe(kind, int(m), device)}))
+        print(json.dumps({"peak_mb": memory_probe(kind, int(m), device, args.curvature_every)}))
         return
 
     sample_counts = sorted({int(s) for s in args.samples.split(",")})
     info = machine_info(device)
     print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     print(f"workload: LeNet5, random CIFAR-10-shaped data (batch {BATCH}, {'x'.join(map(str, IMAGE_SHAPE))}, "
-          f"{NUM_CLASSES} classes), M in {sample_counts}, {args.repeats} rounds after {args.warmup} warm-up steps\n")
+          f"{NUM_CLASSES} classes), M in {sample_counts}, {args.repeats} rounds after {args.warmup} warm-up steps, "
+          f"KFAC-VI curvature every {args.curvature_every} step(s)\n")
 
     x, y = random_batch(device)
     pairs = candidate_list(sample_counts)
-    candidates = [Candidate(candidate_name(k, m), make_step_fn(k, m, device, x, y)) for k, m in pairs]
+    every = args.curvature_every
+    candidates = [Candidate(candidate_name(k, m), make_step_fn(k, m, device, x, y, every), steps_per_call(k, every))
+                  for k, m in pairs]
     print("timing")
     measure_steps(candidates, args.repeats, args.warmup, args.round_seconds, device)
     step_ms = {c.name: 1000 * statistics.median(c.times) for c in candidates}
@@ -488,7 +506,8 @@ def main():
             "threads": torch.get_num_threads(),
             "machine": info,
             "settings": {"batch": BATCH, "samples": sample_counts, "repeats": args.repeats, "warmup": args.warmup,
-                         "round_seconds": args.round_seconds, "data": "random tensors (torch.randn / randint)",
+                         "round_seconds": args.round_seconds, "curvature_every": args.curvature_every,
+                         "inverse_every": max(10, args.curvature_every), "data": "random tensors (torch.randn / randint)",
                          "sequential": "M x engine.statistics(sample_blocks(1)) + one update"},
         }
         with open(args.json, "w") as f:

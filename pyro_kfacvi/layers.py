@@ -32,14 +32,6 @@ class Recorder:
         self.input_sums = {}
         self.outputs = {}
         self.normalized = {}
-        self.shared_input = None
-
-    def distinct_rows(self, x, num_samples):
-        """The rows of ``x`` that differ, and how often each repeats: the network input is the same
-        for every weight sample, so a first layer's input statistics need only one copy of it."""
-        if x is self.shared_input and num_samples > 1:
-            return x[: x.shape[0] // num_samples], num_samples
-        return x, 1
 
     def record(self, name, output, input_sum=None, normalized=None):
         self.outputs[name] = output
@@ -47,6 +39,30 @@ class Recorder:
             self.input_sums[name] = input_sum
         if normalized is not None:
             self.normalized[name] = normalized
+
+
+class SampledPass:
+    """One forward pass of the network with M weight samples on the sample-stacked input.
+
+    The network input is the same for every weight sample. A layer that receives it unchanged
+    (the first layer, usually) runs on its B distinct rows only: one dense convolution or matmul
+    with the M samples' weights stacked along the output dimension, instead of M separate ones;
+    its input statistics need only one copy of the rows too.
+    """
+
+    def __init__(self, num_samples, network_input, recorder=None):
+        self.num_samples, self.network_input, self.recorder = num_samples, network_input, recorder
+
+    def distinct_rows(self, x):
+        """The B distinct rows of ``x`` if it is the stacked network input, else ``None``."""
+        if x is self.network_input and self.num_samples > 1:
+            return x[: x.shape[0] // self.num_samples]
+        return None
+
+    def input_statistics(self, x):
+        """The rows from which to compute a layer's input factor A, and how often each repeats."""
+        rows = self.distinct_rows(x)
+        return (x.detach(), 1) if rows is None else (rows.detach(), self.num_samples)
 
 
 class Adapter:
@@ -93,20 +109,20 @@ class KroneckerAdapter(Adapter):
         return params
 
     @staticmethod
-    def homogeneous_outer(patches, has_bias):
-        """Σ ã ãᵀ over the rows of ``patches`` (n, d), with ã = [a, 1] when the layer has a bias."""
-        outer = patches.T @ patches
+    def homogeneous_outer(columns, has_bias):
+        """Σ ã ãᵀ over the columns of ``columns`` (d, n), with ã = [a, 1] when the layer has a bias."""
+        outer = columns @ columns.T
         if not has_bias:
             return outer
-        total = patches.sum(0, keepdim=True)
-        count = patches.new_full((1, 1), patches.shape[0])
-        return torch.cat([torch.cat([outer, total.T], 1), torch.cat([total, count], 1)], 0)
+        total = columns.sum(1, keepdim=True)
+        count = columns.new_full((1, 1), columns.shape[1])
+        return torch.cat([torch.cat([outer, total], 1), torch.cat([total.T, count], 1)], 0)
 
     @staticmethod
     def output_outer(grad):
         """Σ over examples and positions of g gᵀ, with ``grad`` of shape ``(n, d_out, *positions)``."""
-        g = grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2).reshape(-1, grad.shape[1])
-        return g.T @ g
+        g = grad.transpose(0, 1).reshape(grad.shape[1], -1)
+        return g @ g.T
 
 
 class LinearAdapter(KroneckerAdapter):
@@ -120,26 +136,31 @@ class LinearAdapter(KroneckerAdapter):
     def positions(module, x):
         return x[0].numel() // module.in_features
 
-    def forward(self, module, x, params, num_samples, recorder, name):
+    def forward(self, module, x, params, sampled, name):
         weight, bias = params["weight"], params.get("bias")
+        num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
         if num_samples == 1:
             out = F.linear(x, weight[0], None if bias is None else bias[0])
+        elif shared is not None:  # one matmul with the M weight matrices stacked: (B, M·out)
+            out = F.linear(shared, weight.flatten(0, 1), None if bias is None else bias.flatten())
+            out = out.unflatten(-1, (num_samples, -1)).movedim(-2, 0).reshape(*x.shape[:-1], -1)
         else:
             xs = x.reshape(num_samples, -1, module.in_features)
             wt = weight.transpose(1, 2)
             out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
             out = out.reshape(*x.shape[:-1], module.out_features)
-        if recorder is not None:
-            rows, repeats = recorder.distinct_rows(x, num_samples)
-            rows = rows.detach()
-            patches = rows.reshape(-1, module.in_features)
+        if sampled.recorder is not None:
+            rows, repeats = sampled.input_statistics(x)
+            columns = rows.reshape(-1, module.in_features).T
             # A = E_n[(1/T) Σ_t ã_t ã_tᵀ]: averaged over positions t (eq. 8, K-FAC input factor)
-            input_sum = self.homogeneous_outer(patches, bias is not None) * (repeats / self.positions(module, x))
-            recorder.record(name, out, input_sum=input_sum)
+            input_sum = self.homogeneous_outer(columns, bias is not None) * (repeats / self.positions(module, x))
+            sampled.recorder.record(name, out, input_sum=input_sum)
         return out
 
 
 class Conv2dAdapter(KroneckerAdapter):
+    grouped = None  # None: grouped convolution on CUDA, one convolution per sample on CPU
+
     @staticmethod
     def check(name, module):
         if module.groups != 1:
@@ -158,26 +179,46 @@ class Conv2dAdapter(KroneckerAdapter):
             return tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
         return module.padding
 
-    def conv(self, module, x, weight, bias, groups):
+    def conv(self, module, x, weight, bias, groups=1):
         return F.conv2d(x, weight, bias, module.stride, self.numeric_padding(module), module.dilation, groups)
 
-    def forward(self, module, x, params, num_samples, recorder, name):
-        weight, bias = params["weight"], params.get("bias")
-        if num_samples == 1:
-            out = self.conv(module, x, weight[0], None if bias is None else bias[0], 1)
-        else:
-            stacked = x.reshape(num_samples, -1, *x.shape[1:]).transpose(0, 1).flatten(1, 2)
+    def input_columns(self, module, x):
+        """The input patches ã_t of every example and output position t as columns, shape
+        ``(C·kh·kw, B·T)``, and T: im2col through a strided view of ``x`` and a single copy,
+        ordered like ``weight.reshape(out, -1)``."""
+        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+        ph, pw = self.numeric_padding(module)
+        windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        windows = windows[..., ::dh, ::dw]  # (B, C, H', W', kh, kw)
+        positions = windows.shape[2] * windows.shape[3]
+        return windows.permute(1, 4, 5, 0, 2, 3).reshape(x.shape[1] * kh * kw, -1), positions
+
+    def sampled_conv(self, module, x, weight, bias, num_samples):
+        """Sample s's weights on sample s's rows: one grouped convolution on CUDA; on CPU, where
+        grouped convolutions are slower than separate ones (benchmarks/step_cost.py), one per sample."""
+        if self.grouped if self.grouped is not None else x.is_cuda:
+            stacked = x.unflatten(0, (num_samples, -1)).transpose(0, 1).flatten(1, 2)
             out = self.conv(module, stacked, weight.flatten(0, 1), None if bias is None else bias.flatten(), num_samples)
+            return out.unflatten(1, (num_samples, -1)).transpose(0, 1).flatten(0, 1)
+        biases = [None] * num_samples if bias is None else bias
+        return torch.cat([self.conv(module, rows, w, b) for rows, w, b in zip(x.chunk(num_samples), weight, biases)])
+
+    def forward(self, module, x, params, sampled, name):
+        weight, bias = params["weight"], params.get("bias")
+        num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
+        if num_samples == 1:
+            out = self.conv(module, x, weight[0], None if bias is None else bias[0])
+        elif shared is not None:  # one convolution with the M filter banks stacked: (B, M·out, H, W)
+            out = self.conv(module, shared, weight.flatten(0, 1), None if bias is None else bias.flatten())
             out = out.unflatten(1, (num_samples, -1)).transpose(0, 1).flatten(0, 1)
-        if recorder is not None:
-            rows, repeats = recorder.distinct_rows(x, num_samples)
-            rows = rows.detach()
-            patches = F.unfold(rows, module.kernel_size, module.dilation, self.numeric_padding(module), module.stride)
-            positions = patches.shape[-1]
-            patches = patches.transpose(0, 1).reshape(patches.shape[1], -1).T
+        else:
+            out = self.sampled_conv(module, x, weight, bias, num_samples)
+        if sampled.recorder is not None:
+            rows, repeats = sampled.input_statistics(x)
+            columns, positions = self.input_columns(module, rows)
             # A = E_n[(1/T) Σ_t ã_t ã_tᵀ] over the T output positions (KFC, Grosse & Martens 2016)
-            input_sum = self.homogeneous_outer(patches, bias is not None) * (repeats / positions)
-            recorder.record(name, out, input_sum=input_sum)
+            input_sum = self.homogeneous_outer(columns, bias is not None) * (repeats / positions)
+            sampled.recorder.record(name, out, input_sum=input_sum)
         return out
 
 
@@ -221,7 +262,8 @@ class BatchNormAdapter(Adapter):
         module.running_mean.lerp_(mean.mean(0), momentum)
         module.running_var.lerp_(unbiased, momentum)
 
-    def forward(self, module, x, params, num_samples, recorder, name):
+    def forward(self, module, x, params, sampled, name):
+        num_samples, recorder = sampled.num_samples, sampled.recorder
         xs = x.reshape(num_samples, -1, module.num_features, x[0, 0].numel())
         if module.training or not module.track_running_stats:
             mean, var = self.batch_statistics(module, xs)
@@ -285,23 +327,24 @@ def find_layers(net):
 
 
 @contextlib.contextmanager
-def sampled_forward(layers, params, num_samples, recorder=None):
+def sampled_forward(layers, params, sampled):
     """Within this context, every layer in ``layers`` runs with its M sampled parameters.
 
-    ``params`` maps each layer name to ``{"weight": (M, ...), "bias": (M, ...)}``.
+    ``params`` maps each layer name to ``{"weight": (M, ...), "bias": (M, ...)}``; ``sampled``
+    is the :class:`SampledPass`.
     """
     try:
         for name, (module, adapter) in layers.items():
-            module.forward = _bind(adapter, module, params.get(name, {}), num_samples, recorder, name)
+            module.forward = _bind(adapter, module, params.get(name, {}), sampled, name)
         yield
     finally:
         for module, _ in layers.values():
             module.__dict__.pop("forward", None)
 
 
-def _bind(adapter, module, params, num_samples, recorder, name):
+def _bind(adapter, module, params, sampled, name):
     def forward(x):
-        return adapter.forward(module, x, params, num_samples, recorder, name)
+        return adapter.forward(module, x, params, sampled, name)
     return forward
 
 
@@ -315,8 +358,6 @@ def stack_samples(x, num_samples):
 def run_sampled(net, layers, params, x, num_samples, recorder=None):
     """Network output for each of the M weight samples, shape ``(M, B, ...)``."""
     stacked = stack_samples(x, num_samples)
-    if recorder is not None:
-        recorder.shared_input = stacked
-    with sampled_forward(layers, params, num_samples, recorder):
+    with sampled_forward(layers, params, SampledPass(num_samples, stacked, recorder)):
         out = net(stacked)
     return out.reshape(num_samples, x.shape[0], *out.shape[1:])

@@ -7,6 +7,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide
+from pyro_kfacvi.layers import Conv2dAdapter
 from pyro_kfacvi.models import LeNet5
 
 
@@ -24,11 +25,12 @@ def mlp():
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, batchnorm=False):
+    def __init__(self, batchnorm=False, **conv):
         super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(2, 3, 3, **(conv or dict(stride=2, padding=1)))
         self.bn = nn.BatchNorm2d(3) if batchnorm else nn.Identity()
-        self.fc = nn.Linear(27, 4)
+        self.fc = nn.LazyLinear(4)
+        self.fc(torch.flatten(self.conv(torch.zeros(1, 2, 6, 6)), 1))
 
     def forward(self, x):
         return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
@@ -43,10 +45,12 @@ def setup(net, fisher="empirical", rho=0.0):
 def patches(x, conv):
     """Convolution patches by explicit slicing (no unfold): (n, positions, C·k·k)."""
     pad = F.pad(x, (conv.padding[1],) * 2 + (conv.padding[0],) * 2)
-    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-    rows = range(0, pad.shape[2] - kh + 1, sh)
-    cols = range(0, pad.shape[3] - kw + 1, sw)
-    return torch.stack([pad[:, :, i:i + kh, j:j + kw].reshape(x.shape[0], -1) for i in rows for j in cols], 1)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    rows = range(0, pad.shape[2] - span_h + 1, sh)
+    cols = range(0, pad.shape[3] - span_w + 1, sw)
+    return torch.stack([pad[:, :, i:i + span_h:dh, j:j + span_w:dw].reshape(x.shape[0], -1)
+                        for i in rows for j in cols], 1)
 
 
 def brute_force_factors(net, x, y):
@@ -77,7 +81,9 @@ def brute_force_factors(net, x, y):
     return [(a / x.shape[0], g / x.shape[0]) for a, g in sums.values()]
 
 
-@pytest.mark.parametrize("net_fn,shape", [(mlp, (4,)), (SmallCNN, (2, 6, 6))])
+@pytest.mark.parametrize("net_fn,shape", [
+    (mlp, (4,)), (SmallCNN, (2, 6, 6)),
+    (lambda: SmallCNN(stride=(1, 2), padding=2, dilation=2, bias=False), (2, 6, 6))])
 def test_factors_equal_brute_force_per_example(net_fn, shape):
     net = net_fn()
     model, guide, engine = setup(net)
@@ -129,12 +135,16 @@ def reference_gradients(net, guide, x, y, sample_blocks):
     return grads
 
 
+@pytest.mark.parametrize("grouped", [None, True])
 @pytest.mark.parametrize("net_fn,shape", [(lambda: LeNet5(channels=(4, 6), hidden=(12, 8)), (3, 32, 32)),
-                                          (lambda: SmallCNN(batchnorm=True), (2, 6, 6))])
-def test_batched_samples_equal_looped_samples(net_fn, shape):
+                                          (lambda: SmallCNN(batchnorm=True), (2, 6, 6)), (mlp, (4,))])
+def test_batched_samples_equal_looped_samples(net_fn, shape, grouped, monkeypatch):
+    """Batched over samples (first layer on the shared input, later convolutions per sample or
+    grouped) = one sample at a time = a functional_call reference."""
+    monkeypatch.setattr(Conv2dAdapter, "grouped", grouped)
     net = net_fn()
     model, guide, engine = setup(net, rho=0.05)
-    x, y = torch.randn(5, *shape), torch.randint(0, 4, (5,))
+    x, y = torch.randn(5, *shape), torch.randint(0, 3, (5,))
     draws = guide.sample_blocks(3)
     batched = engine.statistics(x, y, draws)
     engine.chunk_size = 1
