@@ -25,6 +25,8 @@ Candidates (each owns its own freshly initialised network, model and guide, same
   Kronecker factors are summed and averaged, followed by exactly the rest of ``KFACVI.step``
   (finite check, curvature EMA, eigenbasis refresh every ``inverse_every`` steps, update).
   This was chosen over ``engine.chunk_size = 1`` because it also draws the samples one at a time;
+* ``floor{M}``: the ``sgd`` step on M·64 images (M copies of the batch) — the physical floor of
+  M weight samples: the forward and backward cost of M×64 images, with no sampling and no curvature;
 * ``pyro_svi{M}``: ``pyro.infer.SVI`` with ``AutoNormal`` (mean-field) on the same
   ``BayesianModel``, ``Trace_ELBO(num_particles=M, vectorize_particles=True,
   max_plate_nesting=1)`` and ``pyro.optim.Adam(lr=1e-3)`` — what a Pyro user would pick instead
@@ -143,6 +145,10 @@ def kfacvi_engine(device, num_particles, curvature_every=1):
                   curvature_every=curvature_every, inverse_every=max(10, curvature_every))
 
 
+def floor_step_fn(device, x, y, num_samples):
+    return sgd_step_fn(device, x.repeat(num_samples, 1, 1, 1), y.repeat(num_samples))
+
+
 def sgd_step_fn(device, x, y):
     torch.manual_seed(0)
     net = LeNet5().to(device).train()
@@ -224,8 +230,8 @@ def steps_per_call(kind, curvature_every):
 def make_step_fn(kind, num_samples, device, x, y, curvature_every=1):
     if kind == "sgd":
         return sgd_step_fn(device, x, y)
-    if kind == "pyro_svi":
-        return pyro_svi_step_fn(device, x, y, num_samples)
+    if kind in ("pyro_svi", "floor"):
+        return {"pyro_svi": pyro_svi_step_fn, "floor": floor_step_fn}[kind](device, x, y, num_samples)
     builders = {"kfacvi": kfacvi_step_fn, "sequential": sequential_step_fn}
     return builders[kind](device, x, y, num_samples, curvature_every)
 
@@ -235,11 +241,11 @@ def candidate_name(kind, num_samples):
 
 
 def candidate_list(sample_counts):
-    """(kind, M) pairs: the floor, KFAC-VI M=1 (always: the ratios need it), then per M the three
-    multi-sample candidates (sequential M=1 is KFAC-VI M=1 and is left out)."""
+    """(kind, M) pairs: SGD, KFAC-VI M=1 (always: the ratios need it), then per M the
+    multi-sample candidates (sequential and floor M=1 are KFAC-VI M=1 and SGD, left out)."""
     pairs = [("sgd", 1), ("kfacvi", 1)]
     for m in sample_counts:
-        pairs += [("kfacvi", m), ("sequential", m)] if m > 1 else []
+        pairs += [("kfacvi", m), ("sequential", m), ("floor", m)] if m > 1 else []
         pairs.append(("pyro_svi", m))
     return pairs
 
@@ -394,6 +400,8 @@ def ratios_and_table(step_ms, sample_counts):
         if m > 1:
             row["over_m_kfacvi1"] = k / (m * step_ms["kfacvi1"])
             row["over_sequential"] = k / step_ms[f"sequential{m}"]
+            row["over_floor"] = k / step_ms[f"floor{m}"]
+            ratios[f"kfacvi{m}_over_floor{m}"] = row["over_floor"]
             ratios[f"kfacvi{m}_over_{m}x_kfacvi1"] = row["over_m_kfacvi1"]
             ratios[f"kfacvi{m}_over_sequential{m}"] = row["over_sequential"]
         rows.append(row)
@@ -412,11 +420,11 @@ def print_report(candidates, step_ms, ratios, rows, memory, predictive):
               f"{len(c.times):6d} {fmt(memory.get(c.name), '9.1f')}")
     print(f"\nKFAC-VI(1) / SGD = {ratios['kfacvi1_over_sgd']:.2f}")
     print(f"  {'M':>3} {'KFAC-VI(M)/(M·KFAC-VI(1))':>26} {'KFAC-VI(M)/seq(M)':>18} {'KFAC-VI(M)/PyroSVI(M)':>22} "
-          f"{'peak MB KFAC-VI(M)':>19}")
+          f"{'KFAC-VI(M)/floor(M)':>20} {'peak MB KFAC-VI(M)':>19}")
     for row in rows:
         m = row["M"]
         print(f"  {m:3d} {fmt(row.get('over_m_kfacvi1'), '26.3f')} {fmt(row.get('over_sequential'), '18.3f')} "
-              f"{row['over_pyro']:22.3f} {fmt(memory.get(f'kfacvi{m}'), '19.1f')}")
+              f"{row['over_pyro']:22.3f} {fmt(row.get('over_floor'), '20.3f')} {fmt(memory.get(f'kfacvi{m}'), '19.1f')}")
     if predictive:
         print(f"\npredictive, S = {PREDICTIVE_SAMPLES} over {predictive['test_images']} images:")
         for name in ("batched", "loop"):
