@@ -7,6 +7,14 @@ field has an override flag (``--base-lr``, ``--lr-scale``, ``--rho``, ``--mc-sam
 run from its checkpoint. ``kfacvi evaluate --checkpoint PATH --test-samples S`` prints the Monte
 Carlo test metrics of a checkpoint as JSON.
 
+``kfacvi baseline --method adam|sgd|mc-dropout|mean-field --out DIR [--FIELD VALUE ...]`` trains a
+baseline of :mod:`pyro_kfacvi.baselines` (every :class:`~pyro_kfacvi.baselines.BaselineConfig`
+field has a flag). ``kfacvi analyze --checkpoint PATH --out DIR`` runs the uncertainty analysis of
+:mod:`pyro_kfacvi.analysis` on either kind of checkpoint: ``DIR/report.json`` and PNG figures.
+
+``torchrun --nproc_per_node=N -m pyro_kfacvi train --preset NAME --parallel samples|data|both``
+trains with N processes (docs/distributed.md); ``--device cuda`` gives each its ``cuda:LOCAL_RANK``.
+
 The data folder is ``--data-dir``, else the ``KFACVI_DATA`` environment variable.
 """
 from __future__ import annotations
@@ -14,15 +22,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import types
 import typing
 from pathlib import Path
 
+from .baselines import METHODS, BaselineConfig
+from .distributed import MODES, init_process_group, launched_by_torchrun
+from .engine import NONFINITE_POLICIES
 from .presets import FISHERS, OPTIMIZERS, PRESETS, TrainConfig
 
-_CHOICES = {"optimizer": tuple(OPTIMIZERS), "fisher": FISHERS,
+_CHOICES = {"optimizer": tuple(OPTIMIZERS), "fisher": FISHERS, "method": tuple(METHODS), "parallel": MODES,
+            "on_nonfinite": NONFINITE_POLICIES,
             "weight_decay_mode": ("coupled", "decoupled", "literal"), "model": ("lenet5", "resnet18")}
 
 
@@ -64,11 +77,11 @@ def _parser_for(hint):
     return {int: int, float: float, str: str}[hint]
 
 
-def add_config_overrides(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per TrainConfig field (absent from the namespace unless given)."""
-    hints = typing.get_type_hints(TrainConfig)
+def add_config_overrides(parser: argparse.ArgumentParser, config_cls=TrainConfig) -> None:
+    """One ``--field-name`` flag per field of ``config_cls`` (absent from the namespace unless given)."""
+    hints = typing.get_type_hints(config_cls)
     group = parser.add_argument_group("hyperparameter overrides (default: the preset's value)")
-    for field in dataclasses.fields(TrainConfig):
+    for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
         kwargs = {"dest": f"override_{field.name}", "default": argparse.SUPPRESS, "type": _parser_for(hints[field.name])}
         if field.name in _CHOICES:
@@ -103,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=sorted(PRESETS), help="configuration to start from")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     train.add_argument("--out", metavar="DIR", help="run folder (default: runs/PRESET-TIMESTAMP)")
+    train.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                       help="also write the checkpoint every N steps (default 0: at epoch ends only)")
     _common(train)
     add_config_overrides(train)
 
@@ -111,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-samples", type=int, metavar="S", help="posterior samples (default: the run's)")
     ev.add_argument("--output", metavar="FILE", help="also write the JSON here (default: RUN/evaluation-S<S>.json)")
     _common(ev)
+
+    base = sub.add_parser("baseline", help="train a baseline (Adam, SGD, MC dropout, mean-field SVI)")
+    base.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    _common(base)
+    add_config_overrides(base, BaselineConfig)
+
+    an = sub.add_parser("analyze", help="calibration, dataset shift and OOD analysis of a checkpoint")
+    an.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt or its run folder")
+    an.add_argument("--out", required=True, metavar="DIR", help="folder for report.json and the figures")
+    an.add_argument("--test-samples", type=int, metavar="S", help="posterior samples (default: the run's)")
+    an.add_argument("--shift-size", type=int, default=2000, metavar="N",
+                    help="test images per corruption and severity (default 2000)")
+    an.add_argument("--ood-size", type=int, default=2000, metavar="N", help="images per OOD set (default 2000)")
+    an.add_argument("--seed", type=int, default=0, help="seed of the corruptions, OOD sets and weight samples")
+    an.add_argument("--fashion-mnist", metavar="PATH", help="folder of Fashion-MNIST's idx files "
+                    "(default: $KFACVI_FASHION_MNIST, else the Debian package's; skipped if absent)")
+    _common(an)
 
     sub.add_parser("presets", help="list the presets as JSON")
     return parser
@@ -137,16 +169,32 @@ def _setup(args):
 
 
 def cmd_train(args, parser) -> int:
-    from .training import Trainer, TrainingDiverged
+    """Train; launched by torchrun, as one process of its group (NCCL on ``cuda``, Gloo on ``cpu``)."""
+    if not launched_by_torchrun():
+        return _train(args, parser)
+    import torch.distributed as dist
+
+    args.device = str(init_process_group(args.device))
+    try:
+        return _train(args, parser)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(args, parser) -> int:
+    from .training import Trainer, TrainingDiverged, TrainingInterrupted
 
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.resume:
         if args.preset or overrides(args):
             parser.error("--resume continues the checkpoint's configuration: --preset and overrides are not allowed")
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             parser.error("--resume writes into the resumed folder; drop --out")
         _setup(args)
-        trainer = Trainer.resume(args.resume, _load_data(args), progress=progress)
+        trainer = Trainer.resume(args.resume, _load_data(args), progress=progress,
+                                 checkpoint_every=args.checkpoint_every)
     else:
         if not args.preset:
             parser.error(f"--preset is required (one of: {', '.join(sorted(PRESETS))}) unless --resume is given")
@@ -158,13 +206,21 @@ def cmd_train(args, parser) -> int:
         if (out / "checkpoint.pt").exists():
             parser.error(f"{out} already holds a run; use --resume {out} or another --out")
         _setup(args)
-        trainer = Trainer(config, _load_data(args), out_dir=out, progress=progress)
+        trainer = Trainer(config, _load_data(args), out_dir=out, progress=progress,
+                          checkpoint_every=args.checkpoint_every)
+    if trainer.parallel is None and launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        parser.error(f"{os.environ['WORLD_SIZE']} processes would train {os.environ['WORLD_SIZE']} separate copies: "
+                     f"choose --parallel {'|'.join(MODES)}")
     try:
         trainer.run()
     except TrainingDiverged as exc:
         print(f"kfacvi: error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {trainer.out_dir}/metrics.json, curves.png, checkpoint.pt")
+    except TrainingInterrupted as exc:
+        print(f"kfacvi: {exc}", file=sys.stderr)
+        return 130  # the shell's code for a SIGINT-terminated command
+    if trainer.out_dir is not None:
+        print(f"wrote {trainer.out_dir}/metrics.json, curves.png, checkpoint.pt")
     return 0
 
 
@@ -194,6 +250,37 @@ def cmd_evaluate(args, parser) -> int:
     return 0
 
 
+def cmd_baseline(args, parser) -> int:
+    from .baselines import train
+
+    try:
+        config = BaselineConfig(**overrides(args))
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    out = Path(args.out)
+    if (out / "checkpoint.pt").exists():
+        parser.error(f"{out} already holds a run; use another --out")
+    _setup(args)
+    train(config, _load_data(args), out_dir=out)
+    print(f"wrote {out}/metrics.json, checkpoint.pt")
+    return 0
+
+
+def cmd_analyze(args, parser) -> int:
+    from .analysis import analyze_checkpoint
+
+    if args.test_samples is not None and args.test_samples < 0:
+        parser.error("--test-samples must be >= 0")
+    if min(args.shift_size, args.ood_size) < 1:
+        parser.error("--shift-size and --ood-size must be >= 1")
+    _setup(args)
+    report = analyze_checkpoint(args.checkpoint, _load_data(args), args.out, num_samples=args.test_samples,
+                                shift_size=args.shift_size, ood_size=args.ood_size, seed=args.seed,
+                                fashion_mnist=args.fashion_mnist, log=print)
+    print(json.dumps(report["summary"], indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -201,14 +288,11 @@ def main(argv=None) -> int:
         print(json.dumps({name: cfg.to_dict() for name, cfg in PRESETS.items()}, indent=2))
         return 0
     from .data import DataError
+    from .training import CheckpointError
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline, "analyze": cmd_analyze}
     try:
-        if args.command == "train":
-            return cmd_train(args, parser)
-        return cmd_evaluate(args, parser)
-    except DataError as exc:
-        print(f"kfacvi: error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+        return commands[args.command](args, parser)
+    except (DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"kfacvi: error: {exc}", file=sys.stderr)
         return 2
 

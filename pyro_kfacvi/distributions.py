@@ -32,6 +32,10 @@ class EigenbasisNormal(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         noise = torch.randn(*sample_shape, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.reparameterize(noise)
+
+    def reparameterize(self, noise):
+        """w = loc + U(ε ⊙ scale) for standard normal noise ε of shape ``(..., *loc.shape)``."""
         return self.loc + self.basis.from_eigenbasis(noise * self.scale)
 
     def log_prob(self, value):

@@ -1,5 +1,6 @@
 """The natural-gradient engine: Noisy K-FAC / KFAC-VI with M weight samples per step."""
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -7,6 +8,7 @@ import torch
 from .layers import Recorder, run_sampled
 
 WEIGHT_DECAY_MODES = ("coupled", "decoupled", "literal")
+NONFINITE_POLICIES = ("raise", "retry")
 
 
 @dataclass
@@ -55,11 +57,23 @@ class KFACVI:
     :param int curvature_every: refresh F̄ every k steps (default 1).
     :param int inverse_every: recompute eigenbases every k' steps (default 10).
     :param int chunk_size: samples per batched forward pass; default ``max(1, 1024 // B)``.
+    :param str on_nonfinite: what a step whose loss, gradients or curvature are not finite does:
+        ``"raise"`` a ``FloatingPointError``, or ``"retry"`` it with fresh samples and the damping
+        multiplied by ``damping_growth`` (at most ``max_retries`` times; the larger γ is kept, and
+        if every retry fails γ is restored and ``FloatingPointError`` raised). A rejected attempt
+        changes nothing: μ, F̂, the eigenbases, the momentum and the network's buffers stay as
+        they were.
+    :param int max_retries: retries of one step under ``on_nonfinite="retry"``.
+    :param float damping_growth: factor (> 1) applied to γ at each retry.
+    :param parallel: a :class:`~pyro_kfacvi.distributed.ParallelPlan` to share each step with other
+        processes: this rank's samples come from its sample stream, and eqs. (7, 8) are summed over
+        all ranks before the update, so every :meth:`step` is a collective call (``None``: one process).
     """
 
     def __init__(self, model, guide, lr, momentum=0.0, weight_decay=0.0, beta=0.05, damping=None,
                  num_particles=1, fisher="empirical", weight_decay_mode="decoupled",
-                 curvature_every=1, inverse_every=10, chunk_size=None):
+                 curvature_every=1, inverse_every=10, chunk_size=None, on_nonfinite="raise", max_retries=3,
+                 damping_growth=10.0, parallel=None):
         if guide.model is not model:
             raise ValueError("the guide was built for a different model")
         if not callable(lr) and not (lr > 0 and math.isfinite(lr)):
@@ -67,7 +81,9 @@ class KFACVI:
         checks = {"momentum": 0 <= momentum < 1, "weight_decay": weight_decay >= 0, "beta": 0 < beta <= 1,
                   "num_particles": int(num_particles) == num_particles and num_particles >= 1,
                   "curvature_every": curvature_every >= 1, "inverse_every": inverse_every >= 1,
-                  "chunk_size": chunk_size is None or chunk_size >= 1}
+                  "chunk_size": chunk_size is None or chunk_size >= 1,
+                  "max_retries": int(max_retries) == max_retries and max_retries >= 0,
+                  "damping_growth": damping_growth > 1 and math.isfinite(damping_growth)}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}={locals()[name]}")
@@ -77,13 +93,20 @@ class KFACVI:
             raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
         if guide.is_point_mass and num_particles > 1:
             raise ValueError("num_particles > 1 with rho=0 draws M identical samples; use num_particles=1")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}")
         if damping is not None:
             guide.damping = damping
+        if guide.posterior_damping == 0:
+            raise ValueError("damping=0 leaves F̂ + γI singular wherever F̂ is (dead units, unused inputs) and "
+                             "a retry cannot grow it; use damping > 0 (e.g. 1e-3)")
         self.model, self.guide = model, guide
         self.lr, self.momentum, self.weight_decay = lr, float(momentum), float(weight_decay)
         self.beta, self.num_particles, self.fisher = float(beta), int(num_particles), fisher
         self.weight_decay_mode = weight_decay_mode
         self.curvature_every, self.inverse_every, self.chunk_size = curvature_every, inverse_every, chunk_size
+        self.on_nonfinite, self.max_retries, self.damping_growth = on_nonfinite, int(max_retries), float(damping_growth)
+        self.parallel = parallel
         self.iteration = 0
         self.velocities = [torch.zeros_like(block.loc) for block in guide.blocks]
 
@@ -95,16 +118,25 @@ class KFACVI:
             return self.lr(t), self.momentum * scale
         return self.lr, self.momentum
 
+    def sample_blocks(self):
+        """The step's M weight samples: from the global RNG, or from this rank's sample stream
+        under ``parallel`` (keyed by the iteration, so a retried step reuses its noise)."""
+        if self.parallel is None:
+            return self.guide.sample_blocks(self.num_particles)
+        return self.parallel.sample_blocks(self.guide, self.num_particles, self.iteration)
+
     def step(self, x, y):
         """One update on the minibatch ``(x, y)``; returns the negative ELBO per datum estimated
-        before the update (for ρ = 0: the negative log joint per datum)."""
+        before the update (for ρ = 0: the negative log joint per datum).
+
+        Bad input (shapes, dtypes, NaN/Inf in ``x``, labels outside the classes) raises before any
+        work; non-finite statistics are handled as ``on_nonfinite`` says."""
         self.model.check_batch(x, y)
+        self.model.check_values(x, y)
         self.model.train()
         t = self.iteration
         with_curvature = t % self.curvature_every == 0
-        stats = self.statistics(x, y, self.guide.sample_blocks(self.num_particles), with_curvature)
-        loss = stats.nll + self.complexity()
-        self.check_finite(t, loss, stats)
+        stats, loss = self.finite_statistics(x, y, with_curvature)
         if with_curvature:
             for block, factors in zip(self.guide.blocks, stats.factors):
                 block.curvature.update(factors, self.beta)  # (9)
@@ -115,6 +147,32 @@ class KFACVI:
         self.iteration += 1
         return loss.item()
 
+    def finite_statistics(self, x, y, with_curvature):
+        """Eqs. (7, 8) and the loss for fresh weight samples, checked by :meth:`check_finite` and,
+        under ``on_nonfinite="retry"``, redrawn with a larger damping until finite. The forward pass
+        moves BatchNorm's running statistics: a rejected attempt restores the network's buffers."""
+        damping, buffers = self.guide.damping, [b.clone() for b in self.model.buffers()]
+        attempts = 1 + (self.max_retries if self.on_nonfinite == "retry" else 0)
+        for attempt in range(1, attempts + 1):
+            stats = self.statistics(x, y, self.sample_blocks(), with_curvature)
+            loss = stats.nll + self.complexity()
+            try:
+                self.check_finite(self.iteration, loss, stats)
+                return stats, loss
+            except FloatingPointError as fault:
+                for buffer, saved in zip(self.model.buffers(), buffers):
+                    buffer.copy_(saved)
+                if attempt == attempts:
+                    self.guide.damping = damping
+                    if attempts == 1:
+                        raise
+                    raise FloatingPointError(f"{fault} {attempts - 1} retries with the damping grown up to "
+                                             f"{damping * self.damping_growth ** (attempts - 1):.3g} failed too; "
+                                             f"the damping is back at {damping:.3g}.") from fault
+                self.guide.damping *= self.damping_growth
+                warnings.warn(f"{fault} Retrying ({attempt} of {attempts - 1}) with damping "
+                              f"{self.guide.damping:.3g}.", RuntimeWarning, stacklevel=3)
+
     @staticmethod
     def check_finite(t, loss, stats):
         """Reject a step whose loss, gradients or curvature are not finite, before any state changes."""
@@ -122,8 +180,8 @@ class KFACVI:
         if not bool(torch.stack([torch.isfinite(v).all() for v in tensors]).all()):
             raise FloatingPointError(
                 f"non-finite loss, gradient or curvature at iteration {t} (loss {loss.item():.4g}); the guide "
-                "was left unchanged. Typical causes: NaN/Inf in the inputs, a learning rate too large for the "
-                "damping (increase damping or use split_damping=True), or a diverged run.")
+                "was left unchanged. Typical causes: a learning rate too large for the damping (increase damping, "
+                "use split_damping=True or on_nonfinite='retry'), or a diverged run.")
 
     @torch.no_grad()
     def evaluate_loss(self, x, y):
@@ -131,7 +189,7 @@ class KFACVI:
         The network runs in its current mode (in training mode BatchNorm's running statistics move)."""
         self.model.check_batch(x, y)
         with torch.enable_grad():
-            stats = self.statistics(x, y, self.guide.sample_blocks(self.num_particles), with_curvature=False)
+            stats = self.statistics(x, y, self.sample_blocks(), with_curvature=False)
         return (stats.nll + self.complexity()).item()
 
     def complexity(self):
@@ -157,6 +215,8 @@ class KFACVI:
             factors = chunk_factors if factors is None else [
                 tuple(a + b for a, b in zip(f, c)) for f, c in zip(factors, chunk_factors)]
         count = num_samples * batch
+        if self.parallel is not None:  # sums over all ranks' samples and shards, then the global means
+            nll, grads, factors, count = self.parallel.sum_statistics(nll, grads, factors, count)
         grads = [g / count for g in grads]
         if with_curvature:
             factors = [tuple(f / count for f in fs) for fs in factors]
@@ -209,9 +269,12 @@ class KFACVI:
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self):
-        return {"iteration": self.iteration, "velocities": [v.clone() for v in self.velocities]}
+        """The iteration, the momentum and γ (which ``on_nonfinite="retry"`` may have grown)."""
+        return {"iteration": self.iteration, "velocities": [v.clone() for v in self.velocities],
+                "damping": self.guide.damping}
 
     def load_state_dict(self, state):
         self.iteration = int(state["iteration"])
+        self.guide.damping = state.get("damping", self.guide.damping)
         for velocity, saved in zip(self.velocities, state["velocities"], strict=True):
             velocity.copy_(saved)

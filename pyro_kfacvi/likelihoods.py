@@ -20,6 +20,13 @@ class Categorical:
         if y.dim() != 1:
             raise ValueError(f"Categorical labels must have shape (batch,), got {tuple(y.shape)}")
 
+    def support(self, output_shape):
+        return f"the class indices 0..{output_shape[-1] - 1} of the network's {output_shape[-1]} outputs"
+
+    def invalid_targets(self, y, output_shape):
+        """Mask of the labels that are not class indices of the ``(..., C)`` output."""
+        return (y < 0) | (y >= output_shape[-1])
+
     def predict(self, outputs):
         """Per-sample class probabilities, shape ``(S, N, C)``."""
         return outputs.softmax(-1)
@@ -45,6 +52,13 @@ class Gaussian:
             raise TypeError(f"Gaussian targets must be a floating-point tensor, got dtype {y.dtype}")
         if y.dim() != 2:
             raise ValueError(f"Gaussian targets must have shape (batch, dim), got {tuple(y.shape)}")
+
+    def support(self, output_shape):
+        return "the finite real numbers"
+
+    def invalid_targets(self, y, output_shape):
+        """Mask of the targets with a NaN or Inf entry."""
+        return ~torch.isfinite(y).all(-1)
 
     def predict(self, outputs):
         """Per-sample predictive means, shape ``(S, N, D)``."""

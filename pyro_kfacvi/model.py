@@ -44,6 +44,7 @@ class BayesianModel(nn.Module):
         self.prior_variance = float(prior_variance)
         self.num_data = int(num_data)
         self.layers = find_layers(net)
+        self._output_shapes = {}  # (example shape, dtype, device) -> output shape of one example
 
     def weight_sites(self):
         """``{site name: (layer name, parameter name, parameter)}`` in network order."""
@@ -102,3 +103,41 @@ class BayesianModel(nn.Module):
             self.likelihood.check_targets(y)
             if x.shape[0] > self.num_data:
                 raise ValueError(f"the batch ({x.shape[0]} examples) is larger than num_data={self.num_data}")
+        self.output_shape(x)
+
+    def output_shape(self, x):
+        """Shape of the network's output for one example of ``x``, cached per example shape.
+
+        Found by running the network once on ``x[:1]`` in eval mode (no random numbers drawn, no
+        BatchNorm statistics moved); inputs the network cannot take raise a ``ValueError``."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._output_shapes:
+            training = self.net.training
+            self.net.eval()
+            try:
+                with torch.no_grad():
+                    self._output_shapes[key] = tuple(self.net(x[:1]).shape[1:])
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"the network cannot take inputs of shape {key[0]} per example ({exc}); pass x shaped "
+                    "(batch, ...) as the network expects, e.g. (B, 3, 32, 32) for the CIFAR-10 networks") from exc
+            finally:
+                self.net.train(training)
+        return self._output_shapes[key]
+
+    def check_values(self, x, y):
+        """Value checks, at the cost of one host synchronisation: every input finite and every
+        target in the likelihood's support (class labels in 0..C−1 for C network outputs)."""
+        bad_inputs = ~torch.isfinite(x.flatten(1)).all(1)
+        output_shape = self.output_shape(x)
+        bad_targets = self.likelihood.invalid_targets(y, output_shape)
+        num_bad_inputs, num_bad_targets = torch.stack([bad_inputs.sum(), bad_targets.sum()]).tolist()
+        if num_bad_inputs:
+            first = int(bad_inputs.nonzero()[0])
+            raise ValueError(f"x holds NaN or Inf in {num_bad_inputs} of its {x.shape[0]} examples (the first at "
+                             f"index {first}); repair or drop those examples")
+        if num_bad_targets:
+            first = int(bad_targets.nonzero()[0])
+            raise ValueError(f"y holds {num_bad_targets} targets outside {self.likelihood.support(output_shape)} "
+                             f"(the first at index {first}: {y[first].tolist()}); check the labels against the "
+                             "network's output size")

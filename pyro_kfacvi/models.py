@@ -23,7 +23,9 @@ class LeNet5(nn.Module):
     conv5x5(in_channels -> c1) -> ReLU -> maxpool2 -> conv5x5(c1 -> c2) -> ReLU ->
     maxpool2 -> flatten -> Linear(c2*5*5 -> h1) -> ReLU -> Linear(h1 -> h2) -> ReLU ->
     Linear(h2 -> num_classes).  The defaults ``channels=(6, 16)``, ``hidden=(120, 84)``
-    give 62,006 parameters for 3 input channels and 10 classes.
+    give 62,006 parameters for 3 input channels and 10 classes.  ``dropout > 0`` drops the
+    inputs of the three linear layers with that probability in training mode (MC dropout keeps
+    the network in training mode at test time); ``dropout=0`` (default) draws no random numbers.
     """
 
     def __init__(
@@ -32,8 +34,12 @@ class LeNet5(nn.Module):
         in_channels: int = 3,
         channels: tuple[int, int] = (6, 16),
         hidden: tuple[int, int] = (120, 84),
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         c1, c2 = channels
         h1, h2 = hidden
         self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=5)
@@ -46,9 +52,12 @@ class LeNet5(nn.Module):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
+        x = F.relu(self.fc1(self._drop(x)))
+        x = F.relu(self.fc2(self._drop(x)))
+        return self.fc3(self._drop(x))
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
 
 class BasicBlock(nn.Module):

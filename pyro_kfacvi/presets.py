@@ -13,7 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .engine import KFACVI, WEIGHT_DECAY_MODES
+from .distributed import MODES as PARALLEL_MODES
+from .engine import KFACVI, NONFINITE_POLICIES, WEIGHT_DECAY_MODES
 from .guide import KroneckerGuide
 from .likelihoods import Categorical
 from .model import BayesianModel
@@ -64,6 +65,11 @@ class TrainConfig:
     curvature_every: int = 1
     inverse_every: int = 10
     mc_samples: int = 1  # M, weight samples per step
+    # numerical faults (KFACVI's on_nonfinite): "raise" stops the run; "retry" redraws the step with
+    # the damping multiplied by damping_growth, at most max_retries times
+    on_nonfinite: str = "raise"
+    max_retries: int = 3
+    damping_growth: float = 10.0
     # evaluation
     test_samples: int = 50  # S of the final evaluation
     eval_samples: int = 0  # S of the cheap per-epoch evaluation (0: the posterior mean)
@@ -73,6 +79,9 @@ class TrainConfig:
     batch_size: int = 64
     train_subset: int | None = None  # train on the first n training images
     seed: int = 0
+    # processes (docs/distributed.md): batch_size and mc_samples are per process
+    parallel: str | None = None  # None: one process | "samples" | "data" | "both"
+    sample_groups: int | None = None  # S for parallel="both" (default: pyro_kfacvi.distributed.grid)
 
     def __post_init__(self):
         def bad(message):
@@ -116,9 +125,15 @@ class TrainConfig:
             bad(f"beta must be in (0, 1], got {self.beta}")
         if not (self.weight_decay >= 0 and self.damping >= 0):
             bad("weight_decay and damping must be >= 0")
+        if self.damping == 0 and self.optimizer != "noisy-kfac":
+            bad(f"optimizer {self.optimizer!r} needs damping > 0 (e.g. 1e-3): F̂ + γI is singular wherever F̂ is")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            bad(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        if not (self.damping_growth > 1 and math.isfinite(self.damping_growth)):
+            bad(f"damping_growth must be a finite number > 1, got {self.damping_growth}")
         counts = ("warmup_steps", "curvature_every", "inverse_every", "mc_samples", "test_samples",
-                  "eval_samples", "train_eval_size", "epochs", "batch_size")
-        non_negative = ("warmup_steps", "test_samples", "eval_samples")  # S = 0: the posterior mean
+                  "eval_samples", "train_eval_size", "epochs", "batch_size", "max_retries")
+        non_negative = ("warmup_steps", "test_samples", "eval_samples", "max_retries")  # S = 0: the posterior mean
         for name in counts:
             value = getattr(self, name)
             low = 0 if name in non_negative else 1
@@ -126,6 +141,13 @@ class TrainConfig:
                 bad(f"{name} must be an integer >= {low}, got {value}")
         if self.train_subset is not None and (int(self.train_subset) != self.train_subset or self.train_subset < 1):
             bad(f"train_subset must be None or a positive integer, got {self.train_subset}")
+        if self.parallel is not None and self.parallel not in PARALLEL_MODES:
+            bad(f"parallel must be None or one of {PARALLEL_MODES}, got {self.parallel!r}")
+        if self.optimizer == "kfac" and self.parallel in ("samples", "both"):
+            bad(f"optimizer 'kfac' draws identical samples on every process; use parallel='data', not {self.parallel!r}")
+        if self.sample_groups is not None and (self.parallel != "both" or int(self.sample_groups) != self.sample_groups
+                                               or self.sample_groups < 1):
+            bad(f"sample_groups must be a positive integer and needs parallel='both', got {self.sample_groups}")
 
     # ------------------------------------------------------------------------------------
     def replace(self, **changes) -> TrainConfig:
@@ -229,11 +251,11 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomia
     )
 
 
-def build(config: TrainConfig, num_data: int, steps_per_epoch: int, device="cpu", net=None):
+def build(config: TrainConfig, num_data: int, steps_per_epoch: int, device="cpu", net=None, parallel=None):
     """``(model, guide, engine)`` for ``config`` on a training set of ``num_data`` examples.
 
     The network is initialised from the global torch RNG (seed it first); pass ``net`` to use a
-    given one instead."""
+    given one instead. ``parallel``: the engine's :class:`~pyro_kfacvi.distributed.ParallelPlan`."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     if net is None:
@@ -246,6 +268,7 @@ def build(config: TrainConfig, num_data: int, steps_per_epoch: int, device="cpu"
         model, guide, lr=build_schedule(config, steps_per_epoch), momentum=config.momentum,
         weight_decay=config.weight_decay, beta=config.beta, damping=config.damping,
         num_particles=config.mc_samples, fisher=config.fisher, weight_decay_mode=config.weight_decay_mode,
-        curvature_every=config.curvature_every, inverse_every=config.inverse_every,
+        curvature_every=config.curvature_every, inverse_every=config.inverse_every, parallel=parallel,
+        on_nonfinite=config.on_nonfinite, max_retries=config.max_retries, damping_growth=config.damping_growth,
     )
     return model, guide, engine

@@ -5,8 +5,10 @@ Outputs in the run folder ``DIR``:
 
 * ``DIR/metrics.json``: ``{"config": ..., "epochs": [one record per epoch], "final": {...}}``;
 * ``DIR/curves.png``: train and test accuracy against the epoch (and the NLL);
-* ``DIR/checkpoint.pt``: written atomically at every epoch end; :meth:`Trainer.resume` continues
-  from it and, on CPU, reproduces the uninterrupted run exactly.
+* ``DIR/checkpoint.pt``: written atomically (temporary file, fsync, rename) at every epoch end,
+  every ``checkpoint_every`` steps and when SIGINT stops the run after its current step;
+  :meth:`Trainer.resume` continues from it, mid-epoch included, and on CPU reproduces the
+  uninterrupted run exactly (docs/robustness.md).
 
 What is measured when (chosen to keep evaluation cheap next to training):
 
@@ -28,11 +30,16 @@ epoch (``torch.random.fork_rng``), so evaluating does not change the training tr
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,12 +49,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .distributed import ParallelPlan
 from .layers import run_sampled
 from .predictive import Predictive
 from .presets import TrainConfig, build, effective_warmup
 
-__all__ = ["CHECKPOINT", "CURVES", "METRICS", "TrainingDiverged", "Trainer", "evaluate", "load_checkpoint",
-           "mean_outputs", "seed_everything"]
+__all__ = ["CHECKPOINT", "CURVES", "METRICS", "CheckpointError", "EpochProgress", "TrainingDiverged",
+           "TrainingInterrupted", "Trainer", "evaluate", "load_checkpoint",
+           "mean_outputs", "scores", "seed_everything"]
 
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.json", "curves.png"
 ECE_BINS = 15
@@ -58,6 +67,31 @@ EVAL_SEED = 1_000_003
 
 class TrainingDiverged(RuntimeError):
     """A step produced a non-finite loss, gradient or curvature."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT stopped the run after a step; its checkpoint holds everything needed to resume."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or belongs to a different run."""
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """How far the current epoch has got: what a mid-epoch checkpoint needs to finish it exactly."""
+
+    data_order: torch.Tensor  # state of the data-order generator before the epoch's permutation
+    steps: int = 0
+    loss_sum: float = 0.0
+    complexity_sum: float | torch.Tensor = 0.0
+    probe_correct: int = 0
+    probe_count: int = 0
+    train_time: float = 0.0  # seconds of training in earlier sessions
+
+    @property
+    def probe_accuracy(self) -> float:
+        return self.probe_correct / max(self.probe_count, 1)
 
 
 def seed_everything(seed: int) -> None:
@@ -99,9 +133,13 @@ def predictive_probs(model, guide, x, num_samples, seed):
 
 def evaluate(model, guide, split, num_samples, seed=0, prefix="test_"):
     """Accuracy, NLL, ECE (15 bins) and Brier score of the predictive on ``split``."""
-    probs = predictive_probs(model, guide, split.images, num_samples, seed).double()
+    return scores(predictive_probs(model, guide, split.images, num_samples, seed), split.labels, prefix)
+
+
+def scores(probs, labels, prefix="test_"):
+    """Accuracy, NLL, ECE (15 bins) and Brier score of ``(N, C)`` class probabilities."""
+    probs = probs.double()
     probs = probs / probs.sum(-1, keepdim=True)  # remove float32 round-off before the checks
-    labels = split.labels
     return {
         f"{prefix}acc": metrics.accuracy(probs, labels),
         f"{prefix}nll": metrics.nll(probs, labels),
@@ -140,7 +178,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         path = path / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip archive), ...
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated or corrupt: {type(exc).__name__}: {exc}). Checkpoints are "
+            "replaced atomically, so it was damaged after it was written; restore it or start the run again") from exc
 
 
 class Trainer:
@@ -153,29 +196,54 @@ class Trainer:
     :param bool progress: show a tqdm progress bar.
     :param log: callable receiving the per-epoch and summary lines (``None``: silent).
     :param int probe_every: steps between running train-accuracy probes of the progress bar.
+    :param int checkpoint_every: also write the checkpoint every this many steps (0: at epoch ends
+        only). Inside :meth:`run`, SIGINT (Ctrl-C) finishes the current step, writes the checkpoint
+        and raises :class:`TrainingInterrupted`; a second SIGINT interrupts at once.
+
+    With ``config.parallel`` set, every process of the ``torch.distributed`` group runs its own
+    Trainer (docs/distributed.md): each trains on its shard of the global minibatches with its own
+    weight samples, all hold the same guide, and only rank 0 logs and writes ``out_dir``.
 
     Use :meth:`run` (or :meth:`train_epoch` / :meth:`final_evaluation` step by step);
     :meth:`resume` continues a run from its checkpoint.
     """
 
-    def __init__(self, config: TrainConfig, data, out_dir=None, progress=True, log=print, probe_every=50):
+    def __init__(self, config: TrainConfig, data, out_dir=None, progress=True, log=print, probe_every=50,
+                 checkpoint_every=0):
         self.config, self.data = config, data
+        self.parallel = None if config.parallel is None else ParallelPlan(config.parallel, config.seed,
+                                                                          config.sample_groups)
+        if self.parallel is not None and self.parallel.rank != 0:
+            out_dir, progress, log = None, False, None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress, self.log, self.probe_every = progress, log, int(probe_every)
         train = data.train if config.train_subset is None else data.train.subset(config.train_subset)
-        if config.batch_size > len(train):
-            raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({len(train)} images)")
+        # the global minibatch: data shards x batch_size
+        self.batch_size = config.batch_size if self.parallel is None else self.parallel.global_batch_size(
+            config.batch_size, len(train))
+        if self.batch_size > len(train):
+            raise ValueError(f"the minibatch of {self.batch_size} images is larger than the training set "
+                             f"({len(train)} images)")
         self.train_split = train
         self.train_eval_split = train.subset(min(config.train_eval_size, len(train)))
-        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.steps_per_epoch = math.ceil(len(train) / self.batch_size)
         seed_everything(config.seed)
-        self.model, self.guide, self.engine = build(config, len(train), self.steps_per_epoch, device=train.device)
+        self.model, self.guide, self.engine = build(config, len(train), self.steps_per_epoch, device=train.device,
+                                                    parallel=self.parallel)
+        if self.parallel is not None:
+            self.parallel.synchronize_(self.model.net, self.guide)
+            self.parallel.seed_global_rng()
         # data order: a CPU generator of its own, so the order is the same on every device
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch = 0  # completed epochs
         self.history: list[dict] = []
         self.final: dict | None = None
         self.elapsed = 0.0  # training + evaluation seconds over all sessions of this run
+        if int(checkpoint_every) != checkpoint_every or checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {checkpoint_every}")
+        self.checkpoint_every = int(checkpoint_every)
+        self.partial_epoch: EpochProgress | None = None  # set by a mid-epoch checkpoint
+        self.stop_requested = False  # set by SIGINT inside run()
 
     # ------------------------------------------------------------------------------------
     @property
@@ -189,47 +257,59 @@ class Trainer:
             else:
                 self.log(line)
 
+    def batches(self):
+        """One epoch of this process's minibatches (under data parallelism: its shards)."""
+        batches = self.train_split.batches(self.batch_size, shuffle=True, generator=self.generator)
+        return batches if self.parallel is None else (self.parallel.shard(x, y) for x, y in batches)
+
     def train_epoch(self) -> dict:
-        """One pass over the training split; returns (and records) the epoch's metrics."""
+        """One pass over the training split (its remaining steps after a mid-epoch checkpoint);
+        returns (and records) the epoch's metrics."""
         cfg, engine = self.config, self.engine
         start = time.perf_counter()
-        loss_sum, steps, probe_correct, probe_count, complexity_sum = 0.0, 0, 0, 0, 0.0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+        progress = self.partial_epoch or EpochProgress(self.generator.get_state())
+        self.generator.set_state(progress.data_order)  # a resumed epoch redraws the same permutation
+        bar = tqdm(total=self.steps_per_epoch, initial=progress.steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
         try:
-            for x, y in self.train_split.batches(cfg.batch_size, shuffle=True, generator=self.generator):
+            for x, y in itertools.islice(self.batches(), progress.steps, None):
                 t = engine.iteration
                 lr = engine.hyperparameters(t)[0]
                 with torch.no_grad():  # the KL (or -log prior) part of the loss, summed without a host sync
-                    complexity_sum = complexity_sum + engine.complexity()
+                    progress.complexity_sum = progress.complexity_sum + engine.complexity()
                 try:
                     loss = engine.step(x, y)
                 except FloatingPointError as exc:
                     self._diverged(t, lr, str(exc))
                 if not math.isfinite(loss):
                     self._diverged(t, lr, f"step returned loss {loss}")
-                loss_sum += loss
-                steps += 1
+                progress.loss_sum += loss
+                progress.steps += 1
+                steps = progress.steps
                 if steps % self.probe_every == 1 or self.probe_every == 1:
                     pred = mean_outputs(self.model, self.guide, x).argmax(-1)
-                    probe_correct += int((pred == y).sum())
-                    probe_count += y.shape[0]
+                    progress.probe_correct += int((pred == y).sum())
+                    progress.probe_count += y.shape[0]
                 bar.update(1)
                 if steps % 10 == 0 or steps == self.steps_per_epoch:
-                    bar.set_postfix(loss=f"{loss_sum / steps:.4f}", acc=f"{probe_correct / max(probe_count, 1):.3f}",
+                    bar.set_postfix(loss=f"{progress.loss_sum / steps:.4f}", acc=f"{progress.probe_accuracy:.3f}",
                                     lr=f"{lr:.3g}", refresh=False)
+                self._checkpoint_after_step(progress, start)
         finally:
             bar.close()
-        train_time = time.perf_counter() - start
+        train_time = progress.train_time + time.perf_counter() - start
+        self.partial_epoch = None
+        if self.parallel is not None:  # BatchNorm's running statistics of all ranks' samples and shards
+            self.parallel.average_buffers_(self.model.net)
         record = {
             "epoch": self.epoch + 1,
             "iteration": engine.iteration,
-            "loss": loss_sum / steps,
-            "data_loss": (loss_sum - float(complexity_sum)) / steps,
-            "complexity": float(complexity_sum) / steps,
+            "loss": progress.loss_sum / progress.steps,
+            "data_loss": (progress.loss_sum - float(progress.complexity_sum)) / progress.steps,
+            "complexity": float(progress.complexity_sum) / progress.steps,
             "lr": engine.hyperparameters(engine.iteration - 1)[0],
             "momentum": engine.hyperparameters(engine.iteration - 1)[1],
-            "probe_train_acc": probe_correct / max(probe_count, 1),
+            "probe_train_acc": progress.probe_accuracy,
         }
         seed = _eval_seed(cfg.seed, self.epoch)
         record.update(evaluate(self.model, self.guide, self.train_eval_split, cfg.eval_samples, seed, "train_"))
@@ -245,6 +325,41 @@ class Trainer:
             self.save()
         return record
 
+    def _checkpoint_after_step(self, progress: EpochProgress, start: float) -> None:
+        """Inside an epoch: write the checkpoint every ``checkpoint_every`` steps (the epoch end
+        writes its own), and when SIGINT asked to stop, write it and raise :class:`TrainingInterrupted`."""
+        if self.out_dir is None:
+            return
+        due = self.checkpoint_every and self.engine.iteration % self.checkpoint_every == 0
+        if self.stop_requested or (due and progress.steps < self.steps_per_epoch):
+            self.partial_epoch = dataclasses.replace(progress, train_time=progress.train_time + time.perf_counter() - start)
+            self.save_checkpoint()
+        if self.stop_requested:
+            raise self._interrupted()
+
+    def _interrupted(self) -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"interrupted after iteration {self.engine.iteration} (epoch {self.epoch + 1}); the run is saved in "
+            f"{self.out_dir}: continue it with kfacvi train --resume {self.out_dir}")
+
+    @contextlib.contextmanager
+    def _sigint_requests_stop(self):
+        """While inside, SIGINT sets :attr:`stop_requested` (and restores the previous handler, so a
+        second SIGINT interrupts at once). Only with a run folder and in the main thread."""
+        if self.out_dir is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def _diverged(self, t, lr, detail):
         bad = [f"{block.name}.{name}" for block in self.guide.blocks
                for name, value in block.named_buffers() if not bool(torch.isfinite(value).all())]
@@ -252,9 +367,9 @@ class Trainer:
                  "that returned NaN poisons every later sample).") if bad else ""
         message = (
             f"training diverged at iteration {t} (epoch {self.epoch + 1}, lr {lr:.3g}): {detail}{where}\n"
-            f"Try a larger damping (--damping, now {self.config.damping:g}) or a smaller learning rate "
-            f"(--lr-scale, now {self.config.lr_scale:g}). The last checkpoint (if any) is from the end of "
-            f"epoch {self.epoch}."
+            f"Try a larger damping (--damping, now {self.guide.damping:g}), --on-nonfinite retry or a smaller "
+            f"learning rate (--lr-scale, now {self.config.lr_scale:g}). The checkpoint (if any) holds the state "
+            "before the failing step."
         )
         if self.out_dir is not None:
             self.write_metrics(error=message)
@@ -286,8 +401,11 @@ class Trainer:
             self._say(f"training {self.config.model} with {self.config.optimizer} on {len(self.train_split)} images: "
                       f"{self.config.epochs} epochs x {self.steps_per_epoch} steps, warm-up "
                       f"{effective_warmup(self.config, total)} steps; writing {self.out_dir}")
-        while self.epoch < self.config.epochs:
-            self.train_epoch()
+        with self._sigint_requests_stop():
+            while self.epoch < self.config.epochs:
+                self.train_epoch()
+                if self.stop_requested:  # SIGINT during the epoch-end evaluation: its checkpoint is written
+                    raise self._interrupted()
         return self.final_evaluation()
 
     # ------------------------------------------------------------------------------------
@@ -352,18 +470,38 @@ class Trainer:
         return {
             "format": 1, "config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
             "guide": self.guide.state_dict(), "engine": self.engine.state_dict(), "history": self.history,
-            "final": self.final, "elapsed": self.elapsed, "rng": rng,
+            "final": self.final, "elapsed": self.elapsed, "rng": rng, "num_train": len(self.train_split),
+            "partial_epoch": None if self.partial_epoch is None else dataclasses.asdict(self.partial_epoch),
         }
 
-    def save(self) -> None:
-        """Write checkpoint, metrics and curves (the checkpoint atomically)."""
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint atomically."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self.state()
         _atomic_write(self.out_dir / CHECKPOINT, lambda f: torch.save(state, f))
+
+    def save(self) -> None:
+        """Write checkpoint, metrics and curves."""
+        self.save_checkpoint()
         self.write_metrics()
         self.plot()
 
+    def check_compatible(self, state: dict) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` comes from a run of this configuration on
+        a training set of this size."""
+        saved, current = state["config"], self.config.to_dict()
+        differing = [f"{k}={saved[k]!r} (here {current.get(k)!r})" for k in sorted(saved) if saved[k] != current.get(k)]
+        if differing:
+            raise CheckpointError(f"the checkpoint belongs to a different run: {', '.join(differing)}. Load it with "
+                                  "Trainer.resume or Trainer.from_checkpoint, which rebuild its model")
+        num_train = state.get("num_train", len(self.train_split))
+        if num_train != len(self.train_split):
+            raise CheckpointError(f"the checkpoint was trained on {num_train} images, this training set has "
+                                  f"{len(self.train_split)}: pass the run's data (--data-dir)")
+
     def load_state(self, state: dict) -> None:
+        """Continue from ``state`` (see :meth:`state`); checked by :meth:`check_compatible` first."""
+        self.check_compatible(state)
         self.model.load_state_dict(state["model"])
         self.guide.load_state_dict(state["guide"])
         self.engine.load_state_dict(state["engine"])
@@ -376,23 +514,35 @@ class Trainer:
         self.generator.set_state(rng["data_order"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        partial = state.get("partial_epoch")
+        self.partial_epoch = None if partial is None else EpochProgress(**partial)
 
     @classmethod
-    def resume(cls, run_dir, data, progress=True, log=print, probe_every=50):
+    def resume(cls, run_dir, data, progress=True, log=print, probe_every=50, checkpoint_every=0):
         """Continue the run saved in ``run_dir/checkpoint.pt`` (its configuration, its folder)."""
         state = load_checkpoint(run_dir)
-        config = TrainConfig.from_dict(state["config"])
-        trainer = cls(config, data, out_dir=Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent,
-                      progress=progress, log=log, probe_every=probe_every)
+        trainer = cls(_checkpoint_config(state, run_dir), data,
+                      out_dir=Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent,
+                      progress=progress, log=log, probe_every=probe_every, checkpoint_every=checkpoint_every)
         trainer.load_state(state)
         if trainer.log is not None:
-            trainer._say(f"resumed {run_dir} after epoch {trainer.epoch} (iteration {trainer.engine.iteration})")
+            steps = trainer.partial_epoch.steps if trainer.partial_epoch is not None else 0
+            trainer._say(f"resumed {run_dir} after epoch {trainer.epoch} and {steps} steps of the next "
+                         f"(iteration {trainer.engine.iteration})")
         return trainer
 
     @classmethod
     def from_checkpoint(cls, path, data, **kwargs):
         """A trainer holding the checkpoint's model and guide, writing nothing (for evaluation)."""
         state = load_checkpoint(path)
-        trainer = cls(TrainConfig.from_dict(state["config"]), data, out_dir=None, progress=False, log=None, **kwargs)
+        trainer = cls(_checkpoint_config(state, path), data, out_dir=None, progress=False, log=None, **kwargs)
         trainer.load_state(state)
         return trainer
+
+
+def _checkpoint_config(state, path) -> TrainConfig:
+    """The :class:`TrainConfig` of a training checkpoint."""
+    try:
+        return TrainConfig.from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a checkpoint of kfacvi train ({type(exc).__name__}: {exc})") from exc
