@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_kfacvi import analysis, baselines, cli, metrics
-from pyro_kfacvi.data import Split
+from pyro_kfacvi.data import Split, normalize
 from pyro_kfacvi.ood import ood_sets
 from pyro_kfacvi.presets import PRESETS
 from pyro_kfacvi.shift import CORRUPTIONS
@@ -68,12 +68,12 @@ def test_analyze_reports_calibration_shift_and_ood():
     g = torch.Generator().manual_seed(0)
     coarse = torch.rand(96, 3, 8, 8, generator=g)
     raw = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
-    labels = toy_predict(analysis.normalize(raw)).mean(0).argmax(-1)
+    labels = toy_predict(normalize(raw)).mean(0).argmax(-1)
     labels[::4] = 3  # a quarter of the predictions wrong
     sets = ood_sets(raw, 48, seed=0, fashion_root="/nonexistent")
     report = analysis.analyze(toy_predict, raw, labels, sets, shift_size=32, seed=0)
 
-    probs = toy_predict(analysis.normalize(raw))
+    probs = toy_predict(normalize(raw))
     assert report["num_samples"] == 3 and report["shift_size"] == 32
     assert report["test"]["acc"] == pytest.approx(0.75)
     assert report["test"]["ece"] == pytest.approx(metrics.ece(probs.double().mean(0), labels))
@@ -81,7 +81,7 @@ def test_analyze_reports_calibration_shift_and_ood():
     assert report["summary"]["shift_ece"] == pytest.approx(sum(r["ece"] for r in report["shift"]) / 25)
     assert sum(report["confidence_histogram"]["correct"]) == 72
     assert sum(report["reliability"]["counts"]) == 96
-    noise_probs = toy_predict(analysis.normalize(sets["uniform_noise"])).double()
+    noise_probs = toy_predict(normalize(sets["uniform_noise"])).double()
     for score, reference in (("entropy", metrics.predictive_entropy), ("mutual_information", metrics.mutual_information)):
         assert report["ood"]["uniform_noise"][f"auroc_{score}"] == pytest.approx(
             metrics.auroc(reference(probs.double()), reference(noise_probs)))
