@@ -180,15 +180,13 @@ def add_statistics(total, part):
 
 
 def sequential_step(engine, x, y, num_samples):
-    """``engine.step(x, y)`` with its M samples drawn and run through the network one at a time.
-
-    Mirrors :meth:`KFACVI.step` line by line; only the statistics come from M single-sample
-    :meth:`KFACVI.statistics` calls (each already averaged over the batch), averaged over M.
+    """``engine.step(x, y)`` with its M samples drawn and run through the network one at a time:
+    M single-sample :meth:`KFACVI.statistics` calls (each averaged over the batch), averaged over
+    M, then the same finite-check and :meth:`KFACVI.apply` as the batched step.
     """
     engine.model.check_batch(x, y)
     engine.model.train()
-    t = engine.iteration
-    with_curvature = t % engine.curvature_every == 0
+    with_curvature = engine.iteration % engine.curvature_every == 0
     total = None
     for _ in range(num_samples):
         total = add_statistics(total, engine.statistics(x, y, engine.guide.sample_blocks(1), with_curvature))
@@ -196,15 +194,8 @@ def sequential_step(engine, x, y, num_samples):
                        None if total.factors is None else
                        [tuple(f / num_samples for f in fs) for fs in total.factors])
     loss = stats.nll + engine.complexity()
-    engine.check_finite(t, loss, stats)
-    if with_curvature:
-        for block, factors in zip(engine.guide.blocks, stats.factors):
-            block.curvature.update(factors, engine.beta)
-    if t % engine.inverse_every == 0:
-        for block in engine.guide.blocks:
-            block.curvature.refresh()
-    engine.update(stats.grads, *engine.hyperparameters(t))
-    engine.iteration += 1
+    engine.check_finite(engine.iteration, loss, stats)
+    engine.apply(stats)
     return loss.item()
 
 

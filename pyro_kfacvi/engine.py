@@ -134,10 +134,16 @@ class KFACVI:
         self.model.check_batch(x, y)
         self.model.check_values(x, y)
         self.model.train()
-        t = self.iteration
-        with_curvature = t % self.curvature_every == 0
+        with_curvature = self.iteration % self.curvature_every == 0
         stats, loss = self.finite_statistics(x, y, with_curvature)
-        if with_curvature:
+        self.apply(stats)
+        return loss.item()
+
+    def apply(self, stats):
+        """The rest of a step, given its finite statistics: eq. (9) when they hold curvature, the
+        eigenbases every ``inverse_every`` steps, eqs. (10, 11); advances the iteration."""
+        t = self.iteration
+        if stats.factors is not None:
             for block, factors in zip(self.guide.blocks, stats.factors):
                 block.curvature.update(factors, self.beta)  # (9)
         if t % self.inverse_every == 0:
@@ -145,7 +151,6 @@ class KFACVI:
                 block.curvature.refresh()
         self.update(stats.grads, *self.hyperparameters(t))
         self.iteration += 1
-        return loss.item()
 
     def finite_statistics(self, x, y, with_curvature):
         """Eqs. (7, 8) and the loss for fresh weight samples, checked by :meth:`check_finite` and,

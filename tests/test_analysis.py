@@ -14,12 +14,7 @@ from pyro_kfacvi.shift import CORRUPTIONS
 from pyro_kfacvi.training import Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_data(n_train=128, n_test=64, seed=0):

@@ -24,12 +24,7 @@ TINY_KFAC = PRESETS["quick-kfac"].replace(channels=(4, 8), hidden=(16, 16), epoc
                                           inverse_every=2, parallel="data")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp_engine(mode, num_samples, seed=3):

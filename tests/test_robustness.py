@@ -19,7 +19,9 @@ from pyro_kfacvi import curvature
 from pyro_kfacvi.data import cifar10
 from pyro_kfacvi.presets import TrainConfig
 from pyro_kfacvi.training import CheckpointError, Trainer, TrainingInterrupted, load_checkpoint
-from test_training import TINY, _strip_times, cifar10_root, fake_data, one_thread  # noqa: F401 (autouse fixture)
+from test_training import TINY, _strip_times, cifar10_root, fake_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_engine(**kwargs):

@@ -20,13 +20,7 @@ def cifar10_root():
     return root if (root / "cifar-10-batches-py").is_dir() or root.name == "cifar-10-batches-py" else None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machines running this suite share 2 cores: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
