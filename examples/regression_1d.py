@@ -44,8 +44,8 @@ def bayesian_model():
 def kfac_predictive(x, y, rho, steps, num_samples):
     """Per-sample predictive means ``(S, N, 1)`` after ``steps`` full-batch natural-gradient steps.
 
-    The Monte Carlo (true) Fisher, ∝ 1/σ²: the empirical Fisher, ∝ residual²/σ⁴, vanishes as the
-    fit improves and the steps blow up (every setting tried diverged with it)."""
+    The Monte Carlo (true) Fisher, ∝ 1/σ²: with the empirical Fisher, ∝ residual²/σ⁴, every
+    setting tried diverged (see docs/uncertainty.md)."""
     model = bayesian_model()
     guide = KroneckerGuide(model, rho=rho, damping=1e-2)
     engine = KFACVI(model, guide, lr=0.02, beta=0.1, num_particles=1 if rho == 0 else 16, fisher="mc",

@@ -42,7 +42,8 @@ from .model import BayesianModel
 from .models import MODELS, build_model
 from .training import CHECKPOINT, METRICS, _atomic_write, load_checkpoint, scores, seed_everything
 
-__all__ = ["METHODS", "BaselineConfig", "Deterministic", "MCDropout", "MeanField", "build", "from_checkpoint", "train"]
+__all__ = ["METHODS", "BaselineConfig", "Deterministic", "MCDropout", "MeanField", "build", "from_checkpoint", "is_baseline",
+           "train"]
 
 #: method → what it trains.
 METHODS = {
