@@ -243,7 +243,17 @@ def test_crash_after_a_step_checkpoint_resumes_bit_for_bit(tmp_path, uninterrupt
     assert_same_run(resumed, uninterrupted)
 
 
-def test_sigint_finishes_the_step_writes_a_checkpoint_and_resumes_bit_for_bit(tmp_path, uninterrupted):
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test, whatever the launcher left (``nohup`` and
+    background jobs start with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_finishes_the_step_writes_a_checkpoint_and_resumes_bit_for_bit(tmp_path, uninterrupted,
+                                                                              default_sigint):
     trainer = Trainer(TINY, fake_data(), out_dir=tmp_path, progress=False, log=None)
     real_step = trainer.engine.step
 
