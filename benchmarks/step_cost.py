@@ -13,8 +13,9 @@ Candidates (each owns its own freshly initialised network, model and guide, same
 * ``sgd``: forward + cross-entropy backward + ``torch.optim.SGD`` (momentum 0.9) update of a
   plain LeNet5 — the floor;
 * ``kfacvi{M}``: ``KFACVI(..., lr=1e-4, momentum=0.9, num_particles=M).step(x, y)`` with a
-  ``KroneckerGuide(rho=6e-5, damping=1e-3)``, ``curvature_every=K`` (``--curvature-every``,
-  default 1: factors every step, as in the paper's setting), ``inverse_every=max(10, K)`` and
+  ``KroneckerGuide(rho=6e-5, damping=1e-3)`` (``split_damping=True`` with ``--split-damping``,
+  as in the presets), ``curvature_every=K`` (``--curvature-every``, default 1: factors every
+  step, as in the paper's setting), ``inverse_every`` (``--inverse-every``, default max(10, K)) and
   the default ``chunk_size`` — the M samples run batched through the network. With K > 1 one
   timed call is K consecutive steps (exactly one of which refreshes the curvature) and its time
   is divided by K: the median is then the *amortised* cost per step, not the cost of the cheap
@@ -138,11 +139,29 @@ def fresh_model(device):
     return BayesianModel(LeNet5().to(device), Categorical(), PRIOR_VARIANCE, NUM_DATA)
 
 
-def kfacvi_engine(device, num_particles, curvature_every=1):
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the KFAC-VI candidates are configured (``--curvature-every``, ``--inverse-every``, ``--split-damping``)."""
+
+    curvature_every: int = 1
+    inverse_every: int = 10
+    split_damping: bool = False
+
+    @classmethod
+    def from_args(cls, args):
+        inverse_every = args.inverse_every or max(10, args.curvature_every)
+        return cls(args.curvature_every, inverse_every, args.split_damping)
+
+    def flags(self):
+        return ["--curvature-every", str(self.curvature_every), "--inverse-every", str(self.inverse_every),
+                *(["--split-damping"] if self.split_damping else [])]
+
+
+def kfacvi_engine(device, num_particles, settings=EngineSettings()):
     model = fresh_model(device)
-    guide = KroneckerGuide(model, rho=RHO, damping=DAMPING).to(device)
+    guide = KroneckerGuide(model, rho=RHO, damping=DAMPING, split_damping=settings.split_damping).to(device)
     return KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=num_particles,
-                  curvature_every=curvature_every, inverse_every=max(10, curvature_every))
+                  curvature_every=settings.curvature_every, inverse_every=settings.inverse_every)
 
 
 def floor_step_fn(device, x, y, num_samples):
@@ -164,9 +183,9 @@ def sgd_step_fn(device, x, y):
     return step
 
 
-def kfacvi_step_fn(device, x, y, num_samples, curvature_every):
-    engine = kfacvi_engine(device, num_samples, curvature_every)
-    return lambda: [engine.step(x, y) for _ in range(curvature_every)]
+def kfacvi_step_fn(device, x, y, num_samples, settings):
+    engine = kfacvi_engine(device, num_samples, settings)
+    return lambda: [engine.step(x, y) for _ in range(settings.curvature_every)]
 
 
 def add_statistics(total, part):
@@ -199,9 +218,9 @@ def sequential_step(engine, x, y, num_samples):
     return loss.item()
 
 
-def sequential_step_fn(device, x, y, num_samples, curvature_every):
-    engine = kfacvi_engine(device, num_samples, curvature_every)
-    return lambda: [sequential_step(engine, x, y, num_samples) for _ in range(curvature_every)]
+def sequential_step_fn(device, x, y, num_samples, settings):
+    engine = kfacvi_engine(device, num_samples, settings)
+    return lambda: [sequential_step(engine, x, y, num_samples) for _ in range(settings.curvature_every)]
 
 
 def pyro_svi_step_fn(device, x, y, num_samples):
@@ -218,13 +237,13 @@ def steps_per_call(kind, curvature_every):
     return curvature_every if kind in ("kfacvi", "sequential") else 1
 
 
-def make_step_fn(kind, num_samples, device, x, y, curvature_every=1):
+def make_step_fn(kind, num_samples, device, x, y, settings=EngineSettings()):
     if kind == "sgd":
         return sgd_step_fn(device, x, y)
     if kind in ("pyro_svi", "floor"):
         return {"pyro_svi": pyro_svi_step_fn, "floor": floor_step_fn}[kind](device, x, y, num_samples)
     builders = {"kfacvi": kfacvi_step_fn, "sequential": sequential_step_fn}
-    return builders[kind](device, x, y, num_samples, curvature_every)
+    return builders[kind](device, x, y, num_samples, settings)
 
 
 def candidate_name(kind, num_samples):
@@ -308,7 +327,7 @@ def reset_peak_rss():
         print(f"warning: cannot reset the RSS high-water mark ({error}); peak is an upper bound", file=sys.stderr)
 
 
-def memory_probe(kind, num_samples, device, curvature_every):
+def memory_probe(kind, num_samples, device, settings):
     """Run in a fresh process: peak memory increase (MB) over MEMORY_STEPS steps of one candidate.
 
     One untimed step first, so that lazily loaded library code and one-off allocations are not
@@ -316,7 +335,7 @@ def memory_probe(kind, num_samples, device, curvature_every):
     the measured steps. On CPU the subprocess runs with a fixed glibc mmap threshold, so freed
     tensors go back to the OS and the warm-up step's memory cannot be silently reused."""
     x, y = random_batch(device)
-    step = make_step_fn(kind, num_samples, device, x, y, curvature_every)
+    step = make_step_fn(kind, num_samples, device, x, y, settings)
     timed_steps(step, 1, device)
     gc.collect()
     if device.type == "cuda":
@@ -336,7 +355,7 @@ def measure_memory(pairs, args):
     result = {}
     for kind, m in pairs:
         command = [sys.executable, os.path.abspath(__file__), "--device", args.device,
-                   "--memory-probe", f"{kind}:{m}", "--curvature-every", str(args.curvature_every)]
+                   "--memory-probe", f"{kind}:{m}", *EngineSettings.from_args(args).flags()]
         if args.threads:
             command += ["--threads", str(args.threads)]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
@@ -442,6 +461,11 @@ def parse_args():
     parser.add_argument("--test-size", type=int, default=10_000, help="predictive test images (default 10000)")
     parser.add_argument("--curvature-every", type=int, default=1, metavar="K",
                         help="KFAC-VI curvature refresh every K steps, timed per K-step cycle (default 1)")
+    parser.add_argument("--inverse-every", type=int, metavar="K2",
+                        help="KFAC-VI eigendecompositions every K2 steps (default max(10, K))")
+    parser.add_argument("--split-damping", action="store_true",
+                        help="KFAC-VI with split_damping=True (the presets' choice: Kronecker inverses, 2 products "
+                             "per preconditioned block instead of 4)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: "kind:M", run in a subprocess
     return parser.parse_args()
 
@@ -453,7 +477,7 @@ def main():
     device = torch.device(args.device)
     if args.memory_probe:
         kind, m = args.memory_probe.split(":")
-        print(json.dumps({"peak_mb": memory_probe(kind, int(m), device, args.curvature_every)}))
+        print(json.dumps({"peak_mb": memory_probe(kind, int(m), device, EngineSettings.from_args(args))}))
         return
 
     sample_counts = sorted({int(s) for s in args.samples.split(",")})
@@ -461,12 +485,13 @@ def main():
     print("machine: " + "; ".join(f"{k} {v}" for k, v in info.items()))
     print(f"workload: LeNet5, random CIFAR-10-shaped data (batch {BATCH}, {'x'.join(map(str, IMAGE_SHAPE))}, "
           f"{NUM_CLASSES} classes), M in {sample_counts}, {args.repeats} rounds after {args.warmup} warm-up steps, "
-          f"KFAC-VI curvature every {args.curvature_every} step(s)\n")
+          f"KFAC-VI {EngineSettings.from_args(args)}\n")
 
     x, y = random_batch(device)
     pairs = candidate_list(sample_counts)
-    every = args.curvature_every
-    candidates = [Candidate(candidate_name(k, m), make_step_fn(k, m, device, x, y, every), steps_per_call(k, every))
+    settings = EngineSettings.from_args(args)
+    every = settings.curvature_every
+    candidates = [Candidate(candidate_name(k, m), make_step_fn(k, m, device, x, y, settings), steps_per_call(k, every))
                   for k, m in pairs]
     print("timing")
     measure_steps(candidates, args.repeats, args.warmup, args.round_seconds, device)
@@ -505,8 +530,9 @@ def main():
             "threads": torch.get_num_threads(),
             "machine": info,
             "settings": {"batch": BATCH, "samples": sample_counts, "repeats": args.repeats, "warmup": args.warmup,
-                         "round_seconds": args.round_seconds, "curvature_every": args.curvature_every,
-                         "inverse_every": max(10, args.curvature_every), "data": "random tensors (torch.randn / randint)",
+                         "round_seconds": args.round_seconds, "curvature_every": settings.curvature_every,
+                         "inverse_every": settings.inverse_every, "split_damping": settings.split_damping,
+                         "data": "random tensors (torch.randn / randint)",
                          "sequential": "M x engine.statistics(sample_blocks(1)) + one update"},
         }
         with open(args.json, "w") as f:

@@ -12,9 +12,15 @@ coordinate, G: output-gradient second moments). With A = Q_A diag(e_A) Q_Aᵀ an
 G = Q_G diag(e_G) Q_Gᵀ the damped inverse is exact:
 (A ⊗ G + γI)⁻¹ vec(V) = vec(Q_G [(Q_Gᵀ V Q_A) ⊘ (e_G e_Aᵀ + γ)] Q_Aᵀ).
 :class:`DiagonalFactors` keeps a diagonal F̂ (used for BatchNorm's scale and shift).
+
+What derives from the eigenbases (damped eigenvalues; for split damping the Kronecker inverses
+that precondition with two matrix products instead of four) is memoised until the next refresh
+or change of γ (:mod:`pyro_kfacvi.memo`).
 """
 import torch
 from torch import nn
+
+from .memo import DerivedValues
 
 
 def ema_(average, new, beta, initialized):
@@ -41,6 +47,11 @@ def symmetric_eigh(matrix):
     return eigenvalues.clamp_min(0).to(matrix.dtype), eigenvectors.to(matrix.dtype)
 
 
+def inverse_from_eigh(eigenvectors, eigenvalues):
+    """Q diag(1/e) Qᵀ."""
+    return (eigenvectors / eigenvalues) @ eigenvectors.T
+
+
 class KroneckerFactors(nn.Module):
     """F̂ ≈ A ⊗ G for a block matrix W̃ like ``like`` ``(d_out, d_in)``; A is (d_in, d_in), G is (d_out, d_out)."""
 
@@ -54,6 +65,7 @@ class KroneckerFactors(nn.Module):
             self.register_buffer(f"eigenvalues_{side}", torch.ones(dim, **options))
             self.register_buffer(f"eigenvectors_{side}", torch.eye(dim, **options))
         self.register_buffer("initialized", torch.tensor(False))
+        self.derived = DerivedValues()
 
     @torch.no_grad()
     def update(self, factors, beta):
@@ -74,13 +86,31 @@ class KroneckerFactors(nn.Module):
     def eigenvalues(self, damping):
         """Eigenvalues of the damped curvature arranged as the block: e_G[i]·e_A[j] + γ (exact),
         or (e_G[i] + √γ/π)(e_A[j] + π√γ) for ``split_damping`` — the factored damping of K-FAC and
-        torchsso, (A + π√γ I) ⊗ (G + √γ/π I), with the trace-norm π = √((tr A/d_A)/(tr G/d_G))."""
+        torchsso, (A + π√γ I) ⊗ (G + √γ/π I), with the trace-norm π = √((tr A/d_A)/(tr G/d_G)).
+        Memoised until the eigenbases are refreshed or γ changes."""
+        def compute():
+            if not self.split_damping:
+                return torch.outer(self.eigenvalues_G, self.eigenvalues_A) + damping
+            return torch.outer(*self.damped_factor_eigenvalues(damping))
+        return self.derived.get("eigenvalues", self.spectrum_buffers(), (damping,), compute)
+
+    def damped_factor_eigenvalues(self, damping):
+        """Split damping: the eigenvalues (e_G + √γ/π, e_A + π√γ) of the damped factors."""
         e_a, e_g = self.eigenvalues_A, self.eigenvalues_G
-        if not self.split_damping:
-            return torch.outer(e_g, e_a) + damping
         pi = (e_a.mean() / e_g.mean().clamp_min(torch.finfo(e_g.dtype).tiny)).sqrt()
         root = damping ** 0.5
-        return torch.outer(e_g + root / pi, e_a + root * pi)
+        return e_g + root / pi, e_a + root * pi
+
+    def damped_inverses(self, damping):
+        """Split damping: ((G + √γ/π I)⁻¹, (A + π√γ I)⁻¹), memoised like :meth:`eigenvalues`."""
+        def compute():
+            damped_g, damped_a = self.damped_factor_eigenvalues(damping)
+            return (inverse_from_eigh(self.eigenvectors_G, damped_g),
+                    inverse_from_eigh(self.eigenvectors_A, damped_a))
+        return self.derived.get("inverses", self.spectrum_buffers(), (damping,), compute)
+
+    def spectrum_buffers(self):
+        return (self.eigenvalues_A, self.eigenvalues_G, self.eigenvectors_A, self.eigenvectors_G)
 
     def to_eigenbasis(self, w):
         return self.eigenvectors_G.T @ w @ self.eigenvectors_A
@@ -89,7 +119,11 @@ class KroneckerFactors(nn.Module):
         return self.eigenvectors_G @ z @ self.eigenvectors_A.T
 
     def precondition(self, grad, damping):
-        """(A ⊗ G + γI)⁻¹ vec(grad), with exact damping (eq. 10)."""
+        """(F̂ + γI)⁻¹ vec(grad) (eq. 10): in the eigenbasis for exact damping; as the two
+        Kronecker inverses, (G + √γ/π I)⁻¹ grad (A + π√γ I)⁻¹, for split damping."""
+        if self.split_damping:
+            inverse_g, inverse_a = self.damped_inverses(damping)
+            return inverse_g @ grad @ inverse_a
         return self.from_eigenbasis(self.to_eigenbasis(grad) / self.eigenvalues(damping))
 
     def dense(self):
@@ -104,6 +138,7 @@ class DiagonalFactors(nn.Module):
         super().__init__()
         self.register_buffer("diagonal", torch.ones_like(like))  # split damping is exact for a diagonal
         self.register_buffer("initialized", torch.tensor(False))
+        self.derived = DerivedValues()
 
     @torch.no_grad()
     def update(self, factors, beta):
@@ -114,7 +149,7 @@ class DiagonalFactors(nn.Module):
         """The eigenbasis of a diagonal matrix is the identity: nothing to do."""
 
     def eigenvalues(self, damping):
-        return self.diagonal + damping
+        return self.derived.get("eigenvalues", (self.diagonal,), (damping,), lambda: self.diagonal + damping)
 
     def to_eigenbasis(self, w):
         return w

@@ -6,6 +6,11 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 
 
+def scale_sums_of(scale):
+    """(Σ log S, Σ S²) of the scale grid S."""
+    return scale.log().sum(), scale.pow(2).sum()
+
+
 class EigenbasisNormal(TorchDistribution):
     r"""q(w) = N(loc, U diag(scale²) Uᵀ) for a block ``w`` shaped like ``loc``.
 
@@ -16,14 +21,17 @@ class EigenbasisNormal(TorchDistribution):
     .. math:: W = μ + Q_G (ε ⊙ S) Q_Aᵀ,   S_{ij} = ρ / \sqrt{e_{G,i} e_{A,j} + γ},
 
     which has covariance ρ²(A ⊗ G + γI)⁻¹ (eq. 12) — note L_G ε L_Aᵀ, not an upper factor on the left.
-    The event shape is ``loc.shape``; the batch shape is empty.
+    The event shape is ``loc.shape``; the batch shape is empty. ``scale_sums`` = (Σ log S, Σ S²),
+    which the log-density, entropy and KL need, may be passed precomputed (they change only when
+    the eigenbasis does).
     """
 
     arg_constraints = {}
     has_rsample = True
 
-    def __init__(self, loc, scale, basis, validate_args=None):
+    def __init__(self, loc, scale, basis, scale_sums=None, validate_args=None):
         self.loc, self.scale, self.basis = loc, scale, basis
+        self.log_scale_sum, self.variance_sum = scale_sums if scale_sums is not None else scale_sums_of(scale)
         super().__init__(torch.Size(), loc.shape, validate_args=validate_args)
 
     @constraints.dependent_property
@@ -41,17 +49,11 @@ class EigenbasisNormal(TorchDistribution):
     def log_prob(self, value):
         z = self.basis.to_eigenbasis(value - self.loc) / self.scale
         event_dims = tuple(range(-self.loc.dim(), 0))
-        return -0.5 * z.pow(2).sum(event_dims) - self.scale.log().sum() - 0.5 * self.loc.numel() * math.log(2 * math.pi)
+        return -0.5 * z.pow(2).sum(event_dims) - self.log_scale_sum - 0.5 * self.loc.numel() * math.log(2 * math.pi)
 
     def entropy(self):
-        return self.scale.log().sum() + 0.5 * self.loc.numel() * (1 + math.log(2 * math.pi))
+        return self.log_scale_sum + 0.5 * self.loc.numel() * (1 + math.log(2 * math.pi))
 
     @property
     def mean(self):
         return self.loc
-
-    def kl_to_isotropic(self, variance):
-        """KL(q ‖ N(0, ηI)) = ½[tr Σ/η + ‖μ‖²/η − d + d log η − log|Σ|] in closed form."""
-        var = self.scale.pow(2)
-        d = self.loc.numel()
-        return 0.5 * ((var.sum() + self.loc.pow(2).sum()) / variance - d + d * math.log(variance) - var.log().sum())

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .layers import Recorder, run_sampled
+from .model import extremes
 
 WEIGHT_DECAY_MODES = ("coupled", "decoupled", "literal")
 NONFINITE_POLICIES = ("raise", "retry")
@@ -182,7 +183,7 @@ class KFACVI:
     def check_finite(t, loss, stats):
         """Reject a step whose loss, gradients or curvature are not finite, before any state changes."""
         tensors = [loss, *stats.grads, *(f for fs in stats.factors or [] for f in fs)]
-        if not bool(torch.stack([torch.isfinite(v).all() for v in tensors]).all()):
+        if not bool(torch.isfinite(extremes(tensors)).all()):
             raise FloatingPointError(
                 f"non-finite loss, gradient or curvature at iteration {t} (loss {loss.item():.4g}); the guide "
                 "was left unchanged. Typical causes: a learning rate too large for the damping (increase damping, "
@@ -209,20 +210,18 @@ class KFACVI:
         """Eqs. (7, 8) for the given block samples ``(M, *block_shape)``, processed in chunks."""
         num_samples, batch = block_samples[0].shape[0], x.shape[0]
         chunk = self.chunk_size or max(1, 1024 // batch)
-        grads = [torch.zeros_like(block.loc) for block in self.guide.blocks]
-        factors, nll = None, 0.0
+        grads, factors, nll = None, None, 0.0
         for start in range(0, num_samples, chunk):
             part = [s[start:start + chunk] for s in block_samples]
             chunk_nll, chunk_grads, chunk_factors = self._chunk(x, y, part, with_curvature)
             nll = nll + chunk_nll
-            for total, g in zip(grads, chunk_grads):
-                total.add_(g)
+            grads = chunk_grads if grads is None else torch._foreach_add(grads, chunk_grads)
             factors = chunk_factors if factors is None else [
                 tuple(a + b for a, b in zip(f, c)) for f, c in zip(factors, chunk_factors)]
         count = num_samples * batch
         if self.parallel is not None:  # sums over all ranks' samples and shards, then the global means
             nll, grads, factors, count = self.parallel.sum_statistics(nll, grads, factors, count)
-        grads = [g / count for g in grads]
+        grads = torch._foreach_div(grads, count)
         if with_curvature:
             factors = [tuple(f / count for f in fs) for fs in factors]
         return Statistics(nll / count, grads, factors)
@@ -234,7 +233,7 @@ class KFACVI:
         recorder = Recorder() if with_curvature else None
         out = run_sampled(model.net, model.layers, self.guide.layer_params(leaves), x, leaves[0].shape[0], recorder)
         likelihood = model.likelihood
-        nll = -likelihood.distribution(out, validate_args=False).log_prob(y).sum()
+        nll = likelihood.nll(out, y)
         if not with_curvature:
             return nll.detach(), [g.sum(0) for g in torch.autograd.grad(nll, leaves)], None
         outputs = [recorder.outputs[block.name] for block in blocks]
@@ -244,7 +243,7 @@ class KFACVI:
         else:
             weight_grads = torch.autograd.grad(nll, leaves, retain_graph=True)
             sampled = likelihood.distribution(out.detach(), validate_args=False).sample()
-            output_grads = torch.autograd.grad(-likelihood.distribution(out).log_prob(sampled).sum(), outputs)
+            output_grads = torch.autograd.grad(likelihood.nll(out, sampled), outputs)
         factors = [self._factors(block, recorder, g) for block, g in zip(blocks, output_grads)]
         return nll.detach(), [g.sum(0) for g in weight_grads], factors
 
@@ -265,12 +264,15 @@ class KFACVI:
         coupled = prior + (self.weight_decay if self.weight_decay_mode == "coupled" else 0.0)
         decoupled = {"coupled": 0.0, "decoupled": self.weight_decay, "literal": self.weight_decay / lr}
         self.velocities = [v.to(b.loc.device) for v, b in zip(self.velocities, guide.blocks)]
-        for block, grad, velocity in zip(guide.blocks, grads, self.velocities):
-            mean = block.loc
-            direction = block.curvature.precondition(grad + coupled * mean, damping)  # (10)
-            direction.add_(mean, alpha=decoupled[self.weight_decay_mode])
-            velocity.mul_(momentum).add_(direction)  # (10)
-            mean.sub_(velocity, alpha=lr)  # (11)
+        means = [block.loc for block in guide.blocks]
+        if coupled:
+            grads = torch._foreach_add(grads, means, alpha=coupled)
+        directions = [block.curvature.precondition(g, damping) for block, g in zip(guide.blocks, grads)]  # (10)
+        if decoupled[self.weight_decay_mode]:
+            torch._foreach_add_(directions, means, alpha=decoupled[self.weight_decay_mode])
+        torch._foreach_mul_(self.velocities, momentum)
+        torch._foreach_add_(self.velocities, directions)  # (10)
+        torch._foreach_add_(means, self.velocities, alpha=-lr)  # (11)
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self):

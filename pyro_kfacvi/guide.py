@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from .curvature import DiagonalFactors, KroneckerFactors
-from .distributions import EigenbasisNormal
+from .distributions import EigenbasisNormal, scale_sums_of
+from .memo import DerivedValues
 
 
 class PosteriorBlock(nn.Module):
@@ -26,6 +27,7 @@ class PosteriorBlock(nn.Module):
         self.register_buffer("loc", adapter.join(module, params).clone())
         factors = KroneckerFactors if adapter.kind == "kronecker" else DiagonalFactors
         self.curvature = factors(self.loc, split_damping)
+        self.derived = DerivedValues()
 
     @property
     def aux_site(self):
@@ -35,8 +37,18 @@ class PosteriorBlock(nn.Module):
         """N(μ, ρ²(F̂ + γI)⁻¹) (eq. 12), or a point mass at μ when ρ = 0."""
         if rho == 0:
             return dist.Delta(self.loc, event_dim=self.loc.dim())
-        scale = rho * self.curvature.eigenvalues(damping).rsqrt()
-        return EigenbasisNormal(self.loc, scale, self.curvature)
+        scale, sums = self.scale(rho, damping)
+        return EigenbasisNormal(self.loc, scale, self.curvature, sums)
+
+    def scale(self, rho, damping):
+        """S = ρ/√(eigenvalues of F̂ + γI), q's standard deviations in the eigenbasis (eq. 12), and its
+        sums (Σ log S, Σ S²); kept until the eigenbasis or γ changes."""
+        eigenvalues = self.curvature.eigenvalues(damping)
+
+        def compute():
+            scale = rho * eigenvalues.rsqrt()
+            return scale, scale_sums_of(scale)
+        return self.derived.get("scale", (eigenvalues,), (rho,), compute)
 
     def split(self, value):
         """Block value(s) ``(..., *block_shape)`` → ``{parameter name: (..., *param_shape)}``."""
@@ -80,6 +92,7 @@ class KroneckerGuide(nn.Module):
         self._model = (model,)
         self._rho = rho
         self.kl_weight = float(kl_weight)
+        self.derived = DerivedValues()
         self.damping = damping
         sites = model.weight_sites()
         blocks = []
@@ -154,11 +167,22 @@ class KroneckerGuide(nn.Module):
         return sum(q.log_prob(value) for q, value in zip(self.distributions(), block_samples))
 
     def kl_to_prior(self):
-        """KL(q ‖ N(0, ηI)), summed over blocks (infinite for a point mass)."""
+        """KL(q ‖ N(0, ηI)) = ½[(tr Σ + ‖μ‖²)/η − D + D log η − log|Σ|] over all D parameters
+        (infinite for a point mass). The terms in Σ change only with the eigenbases and are kept
+        until then; ‖μ‖² is one fused reduction over the blocks."""
         if self.is_point_mass:
             return torch.tensor(math.inf, device=self.blocks[0].loc.device)
         eta = self.model.prior_variance
-        return sum(q.kl_to_isotropic(eta) for q in self.distributions())
+        scales = [block.scale(self.rho, self.posterior_damping) for block in self.blocks]
+        constant = self.derived.get("kl_constant", [s for s, _ in scales], (eta,), lambda: self.kl_constant(scales, eta))
+        squared_norm = torch.stack(torch._foreach_norm([block.loc for block in self.blocks])).square().sum()
+        return 0.5 * squared_norm / eta + constant
+
+    def kl_constant(self, scales, eta):
+        """The part of the KL that does not depend on μ: ½[tr Σ/η − D + D log η − log|Σ|]."""
+        d = sum(block.loc.numel() for block in self.blocks)
+        trace, log_det = sum(variances for _, (_, variances) in scales), sum(2 * logs for _, (logs, _) in scales)
+        return 0.5 * (trace / eta - d + d * math.log(eta) - log_det)
 
     def log_prior_of_mean(self):
         """log N(μ; 0, ηI), the prior term of the MAP objective (used when ρ = 0)."""

@@ -4,8 +4,11 @@ A likelihood turns the network output into a Pyro distribution, draws labels fro
 (for the Monte Carlo Fisher, ``fisher="mc"``) and averages per-sample predictions into the
 posterior predictive of eq. (1), p(y | x, D) ≈ (1/S) Σ_s p(y | x, θ_s).
 """
-import torch
+import math
+
 import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
 
 
 class Categorical:
@@ -13,6 +16,12 @@ class Categorical:
 
     def distribution(self, output, validate_args=None):
         return dist.Categorical(logits=output, validate_args=validate_args)
+
+    def nll(self, output, y):
+        """Σ −log p(y | output) over all leading dimensions of the ``(..., C)`` logits (``y`` broadcast
+        against them): one fused cross-entropy, equal to ``-distribution(output).log_prob(y).sum()``."""
+        labels = y.expand(output.shape[:-1]).reshape(-1).long()
+        return F.cross_entropy(output.reshape(-1, output.shape[-1]), labels, reduction="sum")
 
     def check_targets(self, y):
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -46,6 +55,11 @@ class Gaussian:
 
     def distribution(self, output, validate_args=None):
         return dist.Normal(output, self.scale, validate_args=validate_args).to_event(1)
+
+    def nll(self, output, y):
+        """Σ −log N(y; output, σ²I) over all leading dimensions (``y`` broadcast against them)."""
+        normalizer = output.numel() * (math.log(self.scale) + 0.5 * math.log(2 * math.pi))
+        return 0.5 * (output - y).div(self.scale).square().sum() + normalizer
 
     def check_targets(self, y):
         if not y.is_floating_point():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, Gaussian, KroneckerGuide
 from pyro_kfacvi.layers import Conv2dAdapter
 from pyro_kfacvi.models import LeNet5
 
@@ -188,3 +188,70 @@ def test_eigh_falls_back_to_float64_when_float32_returns_nan(monkeypatch):
     values, vectors = curvature.symmetric_eigh(m)
     assert values.dtype == torch.float32 and torch.isfinite(values).all()
     torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m, rtol=1e-4, atol=1e-4)
+
+
+def test_memoised_spectrum_follows_every_change_of_the_curvature():
+    """The damped eigenvalues, Kronecker inverses, scales and KL constant are memoised; each must
+    be recomputed after a refresh, a changed γ or ρ, ``load_state_dict`` and a dtype change —
+    checked against values computed from scratch (a dense reference for the KL)."""
+    model = BayesianModel(nn.Linear(3, 2), Categorical(), 2.0, 100)
+    guide = KroneckerGuide(model, rho=0.3, damping=0.1, split_damping=True)
+    block, curvature = guide.blocks[0], guide.blocks[0].curvature
+
+    def reference_kl():
+        q = guide.distributions()[0]
+        cov = torch.diag((q.scale**2).T.reshape(-1))  # eigenbasis covariance, column-major
+        basis = torch.kron(curvature.eigenvectors_A, curvature.eigenvectors_G)
+        dense = torch.distributions.MultivariateNormal(q.loc.T.reshape(-1), basis @ cov @ basis.T)
+        prior = torch.distributions.MultivariateNormal(torch.zeros(8), 2.0 * torch.eye(8))
+        return torch.distributions.kl_divergence(dense, prior)
+
+    def check(damping):
+        damped_g, damped_a = curvature.damped_factor_eigenvalues(damping)
+        torch.testing.assert_close(curvature.eigenvalues(damping), torch.outer(damped_g, damped_a))
+        inverse_g, inverse_a = curvature.damped_inverses(damping)
+        torch.testing.assert_close(inverse_a, torch.linalg.inv(curvature.eigenvectors_A @ torch.diag(damped_a)
+                                                               @ curvature.eigenvectors_A.T))
+        torch.testing.assert_close(block.scale(guide.rho, damping)[0], guide.rho * curvature.eigenvalues(damping).rsqrt())
+        torch.testing.assert_close(guide.kl_to_prior(), reference_kl())
+
+    def new_factors():
+        a, g = torch.randn(4, 4), torch.randn(2, 2)
+        curvature.update((a @ a.T, g @ g.T), beta=1.0)
+        curvature.refresh()
+
+    check(0.1)
+    before = curvature.eigenvalues(0.1)
+    new_factors()
+    assert not torch.equal(curvature.eigenvalues(0.1), before)
+    check(0.1)
+    guide.damping = 0.5
+    check(0.5)
+    guide._rho = 0.7
+    check(0.5)
+    saved = {k: v.clone() for k, v in curvature.state_dict().items()}
+    kl = guide.kl_to_prior()
+    new_factors()
+    curvature.load_state_dict(saved)
+    torch.testing.assert_close(guide.kl_to_prior(), kl)
+    guide.float()
+    assert curvature.eigenvalues(0.5).dtype == block.scale(guide.rho, 0.5)[0].dtype == torch.float32
+
+
+def test_memo_is_bypassed_under_inference_mode():
+    curvature = KroneckerGuide(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1).blocks[0].curvature
+    with torch.inference_mode():
+        inside = curvature.eigenvalues(0.1)
+    outside = curvature.eigenvalues(0.1)
+    assert inside.is_inference() and not outside.is_inference()
+
+
+@pytest.mark.parametrize("likelihood, y", [
+    (Categorical(), torch.tensor([0, 2, 1, 2])),
+    (Gaussian(0.7), torch.randn(4, 3)),
+])
+def test_likelihood_nll_equals_the_pyro_distribution(likelihood, y):
+    """The fused NLL of the engine against Pyro's log_prob, with outputs for M = 2 weight samples."""
+    output = torch.randn(2, 4, 3)
+    expected = -likelihood.distribution(output).log_prob(y).sum()
+    torch.testing.assert_close(likelihood.nll(output, y), expected)
