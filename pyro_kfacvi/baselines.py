@@ -78,6 +78,7 @@ class BaselineConfig:
     epochs: int = 15
     batch_size: int = 64
     train_subset: int | None = None
+    validation: int | None = None  # tuning: evaluate on the last n training images, not the test set
     train_eval_size: int = 5000
     seed: int = 0
 
@@ -218,6 +219,7 @@ def train(config: BaselineConfig, data, out_dir=None, log=print):
 
     Writes ``out_dir/checkpoint.pt`` (readable by :func:`from_checkpoint` and ``kfacvi analyze``)
     and ``out_dir/metrics.json``. Returns ``(history, final)``."""
+    data = data if config.validation is None else data.holdout(config.validation)
     train_split = data.train if config.train_subset is None else data.train.subset(config.train_subset)
     train_eval = train_split.subset(min(config.train_eval_size, len(train_split)))
     seed_everything(config.seed)

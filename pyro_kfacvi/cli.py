@@ -92,6 +92,9 @@ def add_config_overrides(parser: argparse.ArgumentParser, config_cls=TrainConfig
             kwargs["help"] = "LeNet5 sizes, e.g. 32,64 ('none': the network's default)"
         elif field.name in ("rho", "train_subset"):
             kwargs["help"] = "a number, or 'none'"
+        elif field.name == "validation":
+            kwargs["help"] = ("tuning: hold out the last N training images and report the 'test_' metrics on them "
+                              "(the test set is not used)")
         group.add_argument(flag, **kwargs)
 
 

@@ -143,6 +143,14 @@ class CIFAR10:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def holdout(self, n: int) -> CIFAR10:
+        """The data for tuning: the first ``len(train) − n`` training images to train on and the
+        last ``n`` in place of the test set, which stays untouched."""
+        if not 0 < n < len(self.train):
+            raise ValueError(f"the validation set must hold 1..{len(self.train) - 1} images, got {n}")
+        images, labels = self.train.images, self.train.labels
+        return CIFAR10(Split(images[:-n], labels[:-n]), Split(images[-n:], labels[-n:]), self.classes)
+
 
 def cifar10(
     root: str | os.PathLike | None = None,

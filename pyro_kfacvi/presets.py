@@ -78,6 +78,7 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 64
     train_subset: int | None = None  # train on the first n training images
+    validation: int | None = None  # tuning: evaluate on the last n training images, not the test set
     seed: int = 0
     # processes (docs/distributed.md): batch_size and mc_samples are per process
     parallel: str | None = None  # None: one process | "samples" | "data" | "both"
@@ -139,8 +140,10 @@ class TrainConfig:
             low = 0 if name in non_negative else 1
             if isinstance(value, bool) or int(value) != value or value < low:
                 bad(f"{name} must be an integer >= {low}, got {value}")
-        if self.train_subset is not None and (int(self.train_subset) != self.train_subset or self.train_subset < 1):
-            bad(f"train_subset must be None or a positive integer, got {self.train_subset}")
+        for name in ("train_subset", "validation"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 1):
+                bad(f"{name} must be None or a positive integer, got {value}")
         if self.parallel is not None and self.parallel not in PARALLEL_MODES:
             bad(f"parallel must be None or one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.optimizer == "kfac" and self.parallel in ("samples", "both"):

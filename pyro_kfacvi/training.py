@@ -210,7 +210,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, data, out_dir=None, progress=True, log=print, probe_every=50,
                  checkpoint_every=0):
-        self.config, self.data = config, data
+        self.config = config
+        self.data = data if config.validation is None else data.holdout(config.validation)
+        data = self.data
         self.parallel = None if config.parallel is None else ParallelPlan(config.parallel, config.seed,
                                                                           config.sample_groups)
         if self.parallel is not None and self.parallel.rank != 0:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pyro_kfacvi.data import (
+    CIFAR10,
     CIFAR10_CLASSES,
     DATA_ENV_VAR,
     DataError,
@@ -165,6 +166,17 @@ def test_subset():
     for bad in (0, len(split) + 1):
         with pytest.raises(ValueError):
             split.subset(bad)
+
+
+def test_holdout_trains_on_the_rest_and_leaves_the_test_set_alone():
+    data = CIFAR10(_toy(), Split(torch.zeros(5, 3, 32, 32), torch.zeros(5, dtype=torch.long)))
+    tuning = data.holdout(8)
+    assert torch.equal(tuning.train.labels, data.train.labels[:-8])
+    assert torch.equal(tuning.test.labels, data.train.labels[-8:])
+    assert torch.equal(tuning.test.images, data.train.images[-8:])
+    for bad in (0, len(data.train)):
+        with pytest.raises(ValueError, match="validation set"):
+            data.holdout(bad)
 
 
 # --------------------------------------------------------------------------- errors

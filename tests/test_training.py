@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pyro_kfacvi import cli
-from pyro_kfacvi.data import Split, cifar10
+from pyro_kfacvi.data import CIFAR10, Split, cifar10
 from pyro_kfacvi.presets import PRESETS, TrainConfig, build, effective_warmup
-from pyro_kfacvi.training import Trainer, TrainingDiverged, load_checkpoint
+from pyro_kfacvi.training import Trainer, TrainingDiverged, evaluate, load_checkpoint
 
 
 def cifar10_root():
@@ -50,6 +50,21 @@ TINY = PRESETS["quick"].replace(channels=(4, 8), hidden=(16, 16), epochs=2, batc
 
 
 # --------------------------------------------------------------------------------------------
+def test_validation_runs_never_see_the_test_set(tmp_path):
+    """--validation N: trained on the first images, every 'test_' metric computed on the last N
+    training images — equal to evaluating the final model there, and different from the test set."""
+    fake = fake_data()
+    data = CIFAR10(fake.train, fake.test)
+    trainer = Trainer(TINY.replace(validation=64, epochs=1), data, out_dir=tmp_path, progress=False, log=None)
+    trainer.run()
+    assert len(trainer.train_split) == len(data.train) - 64
+    assert torch.equal(trainer.data.test.labels, data.train.labels[-64:])
+    held_out = evaluate(trainer.model, trainer.guide, Split(data.train.images[-64:], data.train.labels[-64:]), 0, 0, "")
+    on_test = evaluate(trainer.model, trainer.guide, data.test, 0, 0, "")
+    assert trainer.history[-1]["test_nll"] == pytest.approx(held_out["nll"], rel=1e-6)
+    assert trainer.history[-1]["test_nll"] != pytest.approx(on_test["nll"], rel=1e-3)
+
+
 def test_presets_hold_the_papers_rows():
     assert set(PRESETS) >= {"lenet5-kfac", "lenet5-kfacvi", "resnet18-kfac", "resnet18-kfacvi", "quick", "quick-kfac"}
     lenet = PRESETS["lenet5-kfac"]
