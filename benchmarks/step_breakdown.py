@@ -1,0 +1,79 @@
+"""Where the time of one KFAC-VI step (without curvature) goes, against a plain SGD step.
+
+    python benchmarks/step_breakdown.py --threads 1 [--samples 1] [--split-damping] [--rounds 30]
+
+Same workload as ``benchmarks/step_cost.py`` (LeNet5, random CIFAR-10-shaped batch of 64). The
+parts of ``KFACVI.step`` are timed separately, interleaved round-robin with the SGD step and
+the whole KFAC-VI step (median ms of ``--rounds`` rounds). The engine never refreshes its
+curvature here (``curvature_every`` and ``inverse_every`` beyond the run), so this is the cost
+of the steps between refreshes; ``step_cost.py --curvature-every K`` gives the amortised cost.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from step_cost import EngineSettings, kfacvi_engine, random_batch, sgd_step_fn
+from pyro_kfacvi.models import LeNet5
+
+NEVER = 10**9
+
+
+def parts(engine, x, y):
+    """Zero-argument callables for each part of a step without curvature, in the order of ``KFACVI.step``."""
+    blocks = engine.guide.sample_blocks(engine.num_particles)
+    stats = engine.statistics(x, y, blocks, with_curvature=False)
+    loss = stats.nll + engine.complexity()
+    return {
+        "check_values (inputs finite, labels in range)": lambda: engine.model.check_values(x, y),
+        "sample_blocks (eq. 12)": lambda: engine.guide.sample_blocks(engine.num_particles),
+        "statistics: forward + backward (eq. 7)": lambda: engine.statistics(x, y, blocks, with_curvature=False),
+        "complexity (KL term of the loss)": engine.complexity,
+        "check_finite": lambda: engine.check_finite(0, loss, stats),
+        "update (eqs. 10, 11)": lambda: engine.update(stats.grads, 1e-12, 0.9),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=1, help="M (default 1)")
+    parser.add_argument("--split-damping", action="store_true")
+    parser.add_argument("--rounds", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    x, y = random_batch(device)
+    engine = kfacvi_engine(device, args.samples, EngineSettings(NEVER, NEVER, args.split_damping))
+    engine.curvature_every = NEVER
+    engine.step(x, y)  # iteration 0 refreshes once; every later step is a step without curvature
+    torch.manual_seed(0)
+    net = LeNet5()
+
+    def forward_backward():
+        F.cross_entropy(net(x), y).backward()
+
+    candidates = {"SGD step": sgd_step_fn(device, x, y), "plain forward + backward": forward_backward,
+                  f"KFAC-VI step, M = {args.samples}": lambda: engine.step(x, y), **parts(engine, x, y)}
+    times = {name: [] for name in candidates}
+    for _ in range(5):
+        for step in candidates.values():
+            step()
+    for _ in range(args.rounds):
+        for name, step in candidates.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    sgd = statistics.median(times["SGD step"])
+    print(f"threads {torch.get_num_threads()}, M = {args.samples}, split damping {args.split_damping}; "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"  {'part':<48} {'ms':>7} {'/ SGD step':>10}")
+    for name, values in times.items():
+        ms = 1000 * statistics.median(values)
+        print(f"  {name:<48} {ms:7.2f} {ms / 1000 / sgd:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
