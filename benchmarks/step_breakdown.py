@@ -4,7 +4,8 @@
 
 Same workload as ``benchmarks/step_cost.py`` (LeNet5, random CIFAR-10-shaped batch of 64). The
 parts of ``KFACVI.step`` are timed separately, interleaved round-robin with the SGD step and
-the whole KFAC-VI step (median ms of ``--rounds`` rounds). The engine never refreshes its
+the whole KFAC-VI step (median ms of ``--rounds`` rounds); then the tensor operations each of
+the two steps dispatches are counted. The engine never refreshes its
 curvature here (``curvature_every`` and ``inverse_every`` beyond the run), so this is the cost
 of the steps between refreshes; ``step_cost.py --curvature-every K`` gives the amortised cost.
 """
@@ -14,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from step_cost import EngineSettings, kfacvi_engine, random_batch, sgd_step_fn
 from pyro_kfacvi.models import LeNet5
@@ -34,6 +36,25 @@ def parts(engine, x, y):
         "check_finite": lambda: engine.check_finite(0, loss, stats),
         "update (eqs. 10, 11)": lambda: engine.update(stats.grads, 1e-12, 0.9),
     }
+
+
+class OperationCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched (each costs microseconds of overhead on a CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations_per_call(step, calls=10):
+    with OperationCounter() as counter:
+        for _ in range(calls):
+            step()
+    return counter.count / calls
 
 
 def main():
@@ -67,12 +88,15 @@ def main():
             step()
             times[name].append(time.perf_counter() - start)
     sgd = statistics.median(times["SGD step"])
+    operations = {name: operations_per_call(candidates[name]) for name in ("SGD step", f"KFAC-VI step, M = {args.samples}")}
     print(f"threads {torch.get_num_threads()}, M = {args.samples}, split damping {args.split_damping}; "
           f"median of {args.rounds} interleaved rounds")
     print(f"  {'part':<48} {'ms':>7} {'/ SGD step':>10}")
     for name, values in times.items():
         ms = 1000 * statistics.median(values)
         print(f"  {name:<48} {ms:7.2f} {ms / 1000 / sgd:10.2f}")
+    for name, count in operations.items():
+        print(f"tensor operations per call, {name}: {count:.0f}")
 
 
 if __name__ == "__main__":

@@ -222,6 +222,7 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
 
     check(0.1)
     before = curvature.eigenvalues(0.1)
+    assert curvature.eigenvalues(0.1) is before and block.scale(0.3, 0.1)[0] is block.scale(0.3, 0.1)[0]  # memoised
     new_factors()
     assert not torch.equal(curvature.eigenvalues(0.1), before)
     check(0.1)
