@@ -15,8 +15,8 @@ Candidates (each owns its own freshly initialised network, model and guide, same
 * ``kfacvi{M}``: ``KFACVI(..., lr=1e-4, momentum=0.9, num_particles=M).step(x, y)`` with a
   ``KroneckerGuide(rho=6e-5, damping=1e-3)`` (``split_damping=True`` with ``--split-damping``,
   as in the presets), ``curvature_every=K`` (``--curvature-every``, default 1: factors every
-  step, as in the paper's setting), ``inverse_every`` (``--inverse-every``, default max(10, K)) and
-  the default ``chunk_size`` — the M samples run batched through the network. With K > 1 one
+  step, as in the paper's setting), ``inverse_every`` (``--inverse-every``, default max(10, K)),
+  ``kfac_approx`` (``--kfac-approx``, default ``"expand"``, the paper's) and the default ``chunk_size`` — the M samples run batched through the network. With K > 1 one
   timed call is K consecutive steps (exactly one of which refreshes the curvature) and its time
   is divided by K: the median is then the *amortised* cost per step, not the cost of the cheap
   steps alone;
@@ -76,6 +76,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, Predictive
 from pyro_kfacvi.engine import Statistics
+from pyro_kfacvi.layers import KFAC_APPROXIMATIONS
 from pyro_kfacvi.models import LeNet5
 
 BATCH, IMAGE_SHAPE, NUM_CLASSES = 64, (3, 32, 32), 10
@@ -141,27 +142,30 @@ def fresh_model(device):
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How the KFAC-VI candidates are configured (``--curvature-every``, ``--inverse-every``, ``--split-damping``)."""
+    """How the KFAC-VI candidates are configured (``--curvature-every``, ``--inverse-every``,
+    ``--split-damping``, ``--kfac-approx``)."""
 
     curvature_every: int = 1
     inverse_every: int = 10
     split_damping: bool = False
+    kfac_approx: str = "expand"
 
     @classmethod
     def from_args(cls, args):
         inverse_every = args.inverse_every or max(10, args.curvature_every)
-        return cls(args.curvature_every, inverse_every, args.split_damping)
+        return cls(args.curvature_every, inverse_every, args.split_damping, args.kfac_approx)
 
     def flags(self):
         return ["--curvature-every", str(self.curvature_every), "--inverse-every", str(self.inverse_every),
-                *(["--split-damping"] if self.split_damping else [])]
+                "--kfac-approx", self.kfac_approx, *(["--split-damping"] if self.split_damping else [])]
 
 
 def kfacvi_engine(device, num_particles, settings=EngineSettings()):
     model = fresh_model(device)
     guide = KroneckerGuide(model, rho=RHO, damping=DAMPING, split_damping=settings.split_damping).to(device)
     return KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=num_particles,
-                  curvature_every=settings.curvature_every, inverse_every=settings.inverse_every)
+                  curvature_every=settings.curvature_every, inverse_every=settings.inverse_every,
+                  kfac_approx=settings.kfac_approx)
 
 
 def floor_step_fn(device, x, y, num_samples):
@@ -466,6 +470,9 @@ def parse_args():
     parser.add_argument("--split-damping", action="store_true",
                         help="KFAC-VI with split_damping=True (the presets' choice: Kronecker inverses, 2 products "
                              "per preconditioned block instead of 4)")
+    parser.add_argument("--kfac-approx", choices=KFAC_APPROXIMATIONS, default="expand",
+                        help="Kronecker factors of the convolutions: 'expand' (KFC, the paper's; default) or "
+                             "'reduce' (Eschenhagen et al. 2023, one outer product per image instead of per position)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: "kind:M", run in a subprocess
     return parser.parse_args()
 
@@ -532,6 +539,7 @@ def main():
             "settings": {"batch": BATCH, "samples": sample_counts, "repeats": args.repeats, "warmup": args.warmup,
                          "round_seconds": args.round_seconds, "curvature_every": settings.curvature_every,
                          "inverse_every": settings.inverse_every, "split_damping": settings.split_damping,
+                         "kfac_approx": settings.kfac_approx,
                          "data": "random tensors (torch.randn / randint)",
                          "sequential": "M x engine.statistics(sample_blocks(1)) + one update"},
         }

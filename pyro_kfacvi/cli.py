@@ -32,10 +32,11 @@ from pathlib import Path
 from .baselines import METHODS, BaselineConfig
 from .distributed import MODES, init_process_group, launched_by_torchrun
 from .engine import NONFINITE_POLICIES
+from .layers import KFAC_APPROXIMATIONS
 from .presets import FISHERS, OPTIMIZERS, PRESETS, TrainConfig
 
 _CHOICES = {"optimizer": tuple(OPTIMIZERS), "fisher": FISHERS, "method": tuple(METHODS), "parallel": MODES,
-            "on_nonfinite": NONFINITE_POLICIES,
+            "on_nonfinite": NONFINITE_POLICIES, "kfac_approx": KFAC_APPROXIMATIONS,
             "weight_decay_mode": ("coupled", "decoupled", "literal"), "model": ("lenet5", "resnet18")}
 
 

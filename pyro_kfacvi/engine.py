@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers import Recorder, run_sampled
+from .layers import KFAC_APPROXIMATIONS, Recorder, run_sampled
 from .model import extremes
 
 WEIGHT_DECAY_MODES = ("coupled", "decoupled", "literal")
@@ -31,7 +31,8 @@ class KFACVI:
 
     * (7)  ḡ = −(1/MB) Σ_s Σ_n ∇_θ log p(y_n | x_n, θ_s)
     * (8)  F̄ = (1/MB) Σ_s Σ_n of the same per-example outer products, as A ⊗ G
-      (``fisher="empirical"``: observed labels; ``fisher="mc"``: labels drawn from the model)
+      (``fisher="empirical"``: observed labels; ``fisher="mc"``: labels drawn from the model;
+      ``kfac_approx``: how layers with shared weights, e.g. convolutions, factorise it)
     * (9)  F̂ ← (1 − β) F̂ + β F̄
     * (10) v ← (F̂ + γI)⁻¹ (ḡ + π μ) + decay + m_t v
     * (11) μ ← μ − α_t v
@@ -55,6 +56,8 @@ class KFACVI:
     :param float damping: γ; if given, sets ``guide.damping``.
     :param int num_particles: M.
     :param str fisher: ``"empirical"`` or ``"mc"``.
+    :param str kfac_approx: ``"expand"`` (KFC, the paper's) or ``"reduce"`` (T times cheaper for a
+        layer shared over T positions; :mod:`pyro_kfacvi.layers`).
     :param int curvature_every: refresh F̄ every k steps (default 1).
     :param int inverse_every: recompute eigenbases every k' steps (default 10).
     :param int chunk_size: samples per batched forward pass; default ``max(1, 1024 // B)``.
@@ -72,7 +75,7 @@ class KFACVI:
     """
 
     def __init__(self, model, guide, lr, momentum=0.0, weight_decay=0.0, beta=0.05, damping=None,
-                 num_particles=1, fisher="empirical", weight_decay_mode="decoupled",
+                 num_particles=1, fisher="empirical", kfac_approx="expand", weight_decay_mode="decoupled",
                  curvature_every=1, inverse_every=10, chunk_size=None, on_nonfinite="raise", max_retries=3,
                  damping_growth=10.0, parallel=None):
         if guide.model is not model:
@@ -90,6 +93,8 @@ class KFACVI:
                 raise ValueError(f"invalid {name}={locals()[name]}")
         if fisher not in ("empirical", "mc"):
             raise ValueError(f"fisher must be 'empirical' or 'mc', got {fisher!r}")
+        if kfac_approx not in KFAC_APPROXIMATIONS:
+            raise ValueError(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
         if weight_decay_mode not in WEIGHT_DECAY_MODES:
             raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
         if guide.is_point_mass and num_particles > 1:
@@ -103,7 +108,7 @@ class KFACVI:
                              "a retry cannot grow it; use damping > 0 (e.g. 1e-3)")
         self.model, self.guide = model, guide
         self.lr, self.momentum, self.weight_decay = lr, float(momentum), float(weight_decay)
-        self.beta, self.num_particles, self.fisher = float(beta), int(num_particles), fisher
+        self.beta, self.num_particles, self.fisher, self.kfac_approx = float(beta), int(num_particles), fisher, kfac_approx
         self.weight_decay_mode = weight_decay_mode
         self.curvature_every, self.inverse_every, self.chunk_size = curvature_every, inverse_every, chunk_size
         self.on_nonfinite, self.max_retries, self.damping_growth = on_nonfinite, int(max_retries), float(damping_growth)
@@ -230,7 +235,7 @@ class KFACVI:
         """Sums over one chunk of samples: NLL, weight gradients, curvature factors."""
         model, blocks = self.model, self.guide.blocks
         leaves = [s.detach().requires_grad_() for s in block_samples]
-        recorder = Recorder() if with_curvature else None
+        recorder = Recorder(self.kfac_approx) if with_curvature else None
         out = run_sampled(model.net, model.layers, self.guide.layer_params(leaves), x, leaves[0].shape[0], recorder)
         likelihood = model.likelihood
         nll = likelihood.nll(out, y)
@@ -252,7 +257,7 @@ class KFACVI:
         """Per-block sums of eq. (8): (Σ ã ãᵀ, Σ g gᵀ) for Kronecker blocks, Σ (per-example grad)² for diagonal ones."""
         _, adapter = block._layer
         if adapter.kind == "kronecker":
-            return recorder.input_sums[block.name], adapter.output_outer(output_grad)
+            return recorder.input_sums[block.name], adapter.output_outer(output_grad, recorder.reduce)
         per_example = adapter.per_example_gradients(recorder.normalized[block.name], output_grad)
         return (per_example.pow(2).sum(0),)
 

@@ -15,6 +15,18 @@ Each adapter also says how its parameters form one posterior *block*: ``Linear``
 form the matrix W̃ = [W, b] of shape ``(d_out, d_in + 1)`` (bias folded in as a homogeneous
 coordinate, Kronecker-factored curvature A ⊗ G); ``BatchNorm`` forms the vector [γ, β]
 (diagonal curvature).
+
+A layer whose weights are shared over T positions per example (a convolution's output
+positions, a ``Linear`` applied to a sequence) has two Kronecker factorisations of the per-datum
+Fisher (Eschenhagen et al. 2023, "Kronecker-Factored Approximate Curvature for Modern Neural
+Network Architectures"), chosen by the :class:`Recorder`'s ``kfac_approx``:
+
+* ``"expand"`` (KFC, Grosse & Martens 2016; the paper's): A = E_n[(1/T) Σ_t ã_t ã_tᵀ],
+  G = E_n[Σ_t g_t g_tᵀ] — d_in² multiply-adds per position;
+* ``"reduce"``: A = E_n[ā ā ᵀ] with ā = (1/T) Σ_t ã_t, G = E_n[ĝ ĝᵀ] with ĝ = Σ_t g_t —
+  d_in² per example, T times cheaper.
+
+Both coincide for T = 1 (a ``Linear`` on ``(B, d_in)``).
 """
 import contextlib
 
@@ -23,12 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+
+
 class Recorder:
     """Collects, during one sampled forward pass, what the curvature back-end needs:
     per layer the sum of input outer products (the A side, computed on the fly) and the output
-    tensors whose gradients give the G side."""
+    tensors whose gradients give the G side, for the ``kfac_approx`` of weight-shared layers."""
 
-    def __init__(self):
+    def __init__(self, kfac_approx="expand"):
+        if kfac_approx not in KFAC_APPROXIMATIONS:
+            raise ValueError(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
+        self.reduce = kfac_approx == "reduce"
         self.input_sums = {}
         self.outputs = {}
         self.normalized = {}
@@ -118,23 +136,41 @@ class KroneckerAdapter(Adapter):
         count = columns.new_full((1, 1), columns.shape[1])
         return torch.cat([torch.cat([outer, total], 1), torch.cat([total.T, count], 1)], 0)
 
+    def record(self, module, sampled, name, x, out):
+        """Record ``out`` and Σ_n of the input factor A (eq. 8) for the layer input ``x``; the
+        rows of the first layer are shared by the M samples and counted M times."""
+        rows, repeats = sampled.input_statistics(x)
+        reduce = sampled.recorder.reduce
+        columns, positions = self.input_columns(module, rows, reduce)
+        outer = self.homogeneous_outer(columns, module.bias is not None)
+        sampled.recorder.record(name, out, input_sum=outer * (repeats if reduce else repeats / positions))
+
     @staticmethod
-    def output_outer(grad):
-        """Σ over examples and positions of g gᵀ, with ``grad`` of shape ``(n, d_out, *positions)``."""
-        g = grad.transpose(0, 1).reshape(grad.shape[1], -1)
+    def output_outer(grad, reduce=False):
+        """Σ over examples of Σ_t g_t g_tᵀ, or of ĝ ĝᵀ with ĝ = Σ_t g_t if ``reduce``; ``grad`` of
+        shape ``(n, d_out, *positions)``."""
+        if reduce:
+            g = grad.flatten(2).sum(2).T
+        else:
+            g = grad.transpose(0, 1).reshape(grad.shape[1], -1)
         return g @ g.T
 
 
 class LinearAdapter(KroneckerAdapter):
     @staticmethod
-    def output_outer(grad):
-        """Σ over examples and positions of g gᵀ, with ``grad`` of shape ``(n, ..., d_out)``."""
-        g = grad.reshape(-1, grad.shape[-1])
+    def output_outer(grad, reduce=False):
+        """Σ over examples of Σ_t g_t g_tᵀ, or of ĝ ĝᵀ with ĝ = Σ_t g_t if ``reduce``; ``grad`` of
+        shape ``(n, *positions, d_out)``."""
+        g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1) if reduce else grad.reshape(-1, grad.shape[-1])
         return g.T @ g
 
     @staticmethod
-    def positions(module, x):
-        return x[0].numel() // module.in_features
+    def input_columns(module, x, reduce=False):
+        """The inputs a_t of every example and position as columns ``(d_in, B·T)``, or their means
+        over the positions, ``(d_in, B)``, if ``reduce``; and T."""
+        per_example = x.reshape(x.shape[0], -1, module.in_features)
+        columns = per_example.mean(1) if reduce else per_example.reshape(-1, module.in_features)
+        return columns.T, per_example.shape[1]
 
     def forward(self, module, x, params, sampled, name):
         weight, bias = params["weight"], params.get("bias")
@@ -150,11 +186,7 @@ class LinearAdapter(KroneckerAdapter):
             out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
             out = out.reshape(*x.shape[:-1], module.out_features)
         if sampled.recorder is not None:
-            rows, repeats = sampled.input_statistics(x)
-            columns = rows.reshape(-1, module.in_features).T
-            # A = E_n[(1/T) Σ_t ã_t ã_tᵀ]: averaged over positions t (eq. 8, K-FAC input factor)
-            input_sum = self.homogeneous_outer(columns, bias is not None) * (repeats / self.positions(module, x))
-            sampled.recorder.record(name, out, input_sum=input_sum)
+            self.record(module, sampled, name, x, out)
         return out
 
 
@@ -182,16 +214,24 @@ class Conv2dAdapter(KroneckerAdapter):
     def conv(self, module, x, weight, bias, groups=1):
         return F.conv2d(x, weight, bias, module.stride, self.numeric_padding(module), module.dilation, groups)
 
-    def input_columns(self, module, x):
-        """The input patches ã_t of every example and output position t as columns, shape
-        ``(C·kh·kw, B·T)``, and T: im2col through a strided view of ``x`` and a single copy,
-        ordered like ``weight.reshape(out, -1)``."""
+    def input_windows(self, module, x):
+        """The input patch of every output position as a strided view of ``x`` (no copy),
+        shape ``(B, C, H', W', kh, kw)``."""
         (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
         ph, pw = self.numeric_padding(module)
         windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        windows = windows[..., ::dh, ::dw]  # (B, C, H', W', kh, kw)
+        return windows[..., ::dh, ::dw]
+
+    def input_columns(self, module, x, reduce=False):
+        """The input patches a_t of every example and output position t as columns, shape
+        ``(C·kh·kw, B·T)`` (im2col through :meth:`input_windows` and a single copy), or their
+        means over the positions, ``(C·kh·kw, B)``, if ``reduce``; and T. Rows are ordered like
+        ``weight.reshape(out, -1)``."""
+        windows = self.input_windows(module, x)
         positions = windows.shape[2] * windows.shape[3]
-        return windows.permute(1, 4, 5, 0, 2, 3).reshape(x.shape[1] * kh * kw, -1), positions
+        if reduce:
+            return windows.mean((2, 3)).reshape(x.shape[0], -1).T, positions
+        return windows.permute(1, 4, 5, 0, 2, 3).reshape(windows[0, :, 0, 0].numel(), -1), positions
 
     def sampled_conv(self, module, x, weight, bias, num_samples):
         """Sample s's weights on sample s's rows: one grouped convolution on CUDA; on CPU, where
@@ -214,11 +254,7 @@ class Conv2dAdapter(KroneckerAdapter):
         else:
             out = self.sampled_conv(module, x, weight, bias, num_samples)
         if sampled.recorder is not None:
-            rows, repeats = sampled.input_statistics(x)
-            columns, positions = self.input_columns(module, rows)
-            # A = E_n[(1/T) Σ_t ã_t ã_tᵀ] over the T output positions (KFC, Grosse & Martens 2016)
-            input_sum = self.homogeneous_outer(columns, bias is not None) * (repeats / positions)
-            sampled.recorder.record(name, out, input_sum=input_sum)
+            self.record(module, sampled, name, x, out)
         return out
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .distributed import MODES as PARALLEL_MODES
 from .engine import KFACVI, NONFINITE_POLICIES, WEIGHT_DECAY_MODES
+from .layers import KFAC_APPROXIMATIONS
 from .guide import KroneckerGuide
 from .likelihoods import Categorical
 from .model import BayesianModel
@@ -62,6 +63,7 @@ class TrainConfig:
     damping: float = 1e-7  # γ
     split_damping: bool = False
     fisher: str = "empirical"
+    kfac_approx: str = "expand"  # "expand" (KFC, the paper's) | "reduce" (cheaper for convolutions)
     curvature_every: int = 1
     inverse_every: int = 10
     mc_samples: int = 1  # M, weight samples per step
@@ -114,6 +116,8 @@ class TrainConfig:
             bad(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {self.weight_decay_mode!r}")
         if self.fisher not in FISHERS:
             bad(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+        if self.kfac_approx not in KFAC_APPROXIMATIONS:
+            bad(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {self.kfac_approx!r}")
         positive = ("kl_weight", "prior_variance", "base_lr", "lr_scale", "power")
         for name in positive:
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
@@ -270,7 +274,8 @@ def build(config: TrainConfig, num_data: int, steps_per_epoch: int, device="cpu"
     engine = KFACVI(
         model, guide, lr=build_schedule(config, steps_per_epoch), momentum=config.momentum,
         weight_decay=config.weight_decay, beta=config.beta, damping=config.damping,
-        num_particles=config.mc_samples, fisher=config.fisher, weight_decay_mode=config.weight_decay_mode,
+        num_particles=config.mc_samples, fisher=config.fisher, kfac_approx=config.kfac_approx,
+        weight_decay_mode=config.weight_decay_mode,
         curvature_every=config.curvature_every, inverse_every=config.inverse_every, parallel=parallel,
         on_nonfinite=config.on_nonfinite, max_retries=config.max_retries, damping_growth=config.damping_growth,
     )

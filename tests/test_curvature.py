@@ -36,10 +36,21 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
 
 
-def setup(net, fisher="empirical", rho=0.0):
+class SequenceMLP(nn.Module):
+    """A Linear layer shared over 3 positions of each example, then a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.fc = nn.Linear(4, 5), nn.Linear(15, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.tanh(self.shared(x)), 1))
+
+
+def setup(net, fisher="empirical", rho=0.0, kfac_approx="expand"):
     model = BayesianModel(net, Categorical(), 1.0, 1000)
     guide = KroneckerGuide(model, rho=rho, damping=1e-3)
-    return model, guide, KFACVI(model, guide, lr=0.1, fisher=fisher)
+    return model, guide, KFACVI(model, guide, lr=0.1, fisher=fisher, kfac_approx=kfac_approx)
 
 
 def patches(x, conv):
@@ -53,9 +64,10 @@ def patches(x, conv):
                         for i in rows for j in cols], 1)
 
 
-def brute_force_factors(net, x, y):
+def brute_force_factors(net, x, y, reduce=False):
     """A and G per layer from one example at a time: activations by hooks, output gradients by
-    autograd on that example's own log-likelihood."""
+    autograd on that example's own log-likelihood; per position t (expand) or, if ``reduce``, of
+    the mean input ā = (1/T) Σ_t ã_t and the summed output gradient ĝ = Σ_t g_t."""
     layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     sums = {m: [0.0, 0.0] for m in layers}
     for n in range(x.shape[0]):
@@ -73,23 +85,27 @@ def brute_force_factors(net, x, y):
             if isinstance(m, nn.Conv2d):
                 a, g = patches(inputs[m], m)[0], g[0].reshape(g.shape[1], -1).T
             else:
-                a, g = inputs[m], g
+                a, g = inputs[m].reshape(-1, m.in_features), g.reshape(-1, m.out_features)
             if m.bias is not None:
                 a = torch.cat([a, torch.ones(a.shape[0], 1)], 1)
+            if reduce:
+                a, g = a.mean(0, keepdim=True), g.sum(0, keepdim=True)
             sums[m][0] = sums[m][0] + a.T @ a / a.shape[0]   # mean over positions
             sums[m][1] = sums[m][1] + g.T @ g                # sum over positions
     return [(a / x.shape[0], g / x.shape[0]) for a, g in sums.values()]
 
 
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("net_fn,shape", [
-    (mlp, (4,)), (SmallCNN, (2, 6, 6)),
+    (mlp, (4,)), (SmallCNN, (2, 6, 6)), (SequenceMLP, (3, 4)),
     (lambda: SmallCNN(stride=(1, 2), padding=2, dilation=2, bias=False), (2, 6, 6))])
-def test_factors_equal_brute_force_per_example(net_fn, shape):
+def test_factors_equal_brute_force_per_example(net_fn, shape, kfac_approx):
     net = net_fn()
-    model, guide, engine = setup(net)
+    model, guide, engine = setup(net, kfac_approx=kfac_approx)
     x, y = torch.randn(7, *shape), torch.randint(0, 3, (7,))
     stats = engine.statistics(x, y, guide.sample_blocks(1))
-    for (a, g), (a_ref, g_ref) in zip(stats.factors, brute_force_factors(net, x, y)):
+    reference = brute_force_factors(net, x, y, reduce=kfac_approx == "reduce")
+    for (a, g), (a_ref, g_ref) in zip(stats.factors, reference, strict=True):
         torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-12)
 
@@ -135,15 +151,15 @@ def reference_gradients(net, guide, x, y, sample_blocks):
     return grads
 
 
-@pytest.mark.parametrize("grouped", [None, True])
+@pytest.mark.parametrize("grouped,kfac_approx", [(None, "expand"), (True, "expand"), (None, "reduce")])
 @pytest.mark.parametrize("net_fn,shape", [(lambda: LeNet5(channels=(4, 6), hidden=(12, 8)), (3, 32, 32)),
                                           (lambda: SmallCNN(batchnorm=True), (2, 6, 6)), (mlp, (4,))])
-def test_batched_samples_equal_looped_samples(net_fn, shape, grouped, monkeypatch):
+def test_batched_samples_equal_looped_samples(net_fn, shape, grouped, kfac_approx, monkeypatch):
     """Batched over samples (first layer on the shared input, later convolutions per sample or
     grouped) = one sample at a time = a functional_call reference."""
     monkeypatch.setattr(Conv2dAdapter, "grouped", grouped)
     net = net_fn()
-    model, guide, engine = setup(net, rho=0.05)
+    model, guide, engine = setup(net, rho=0.05, kfac_approx=kfac_approx)
     x, y = torch.randn(5, *shape), torch.randint(0, 3, (5,))
     draws = guide.sample_blocks(3)
     batched = engine.statistics(x, y, draws)

@@ -90,6 +90,8 @@ def test_bad_input_raises_a_clear_error_before_any_state_changes(make_batch, mat
     (lambda m, g: KFACVI(m, g, lr=0.1, on_nonfinite="ignore"), "on_nonfinite must be one of"),
     (lambda m, g: KFACVI(m, g, lr=0.1, max_retries=-1), "invalid max_retries"),
     (lambda m, g: KFACVI(m, g, lr=0.1, damping_growth=1.0), "invalid damping_growth"),
+    (lambda m, g: KFACVI(m, g, lr=0.1, kfac_approx="diagonal"), "kfac_approx must be one of"),
+    (lambda m, g: TrainConfig(kfac_approx="Reduce"), "kfac_approx must be one of"),
     (lambda m, g: TrainConfig(damping=0.0), "'kfacvi' needs damping > 0"),
     (lambda m, g: TrainConfig(on_nonfinite="ignore"), "on_nonfinite must be one of"),
     (lambda m, g: TrainConfig(damping_growth=0.5), "damping_growth must be a finite number > 1"),
