@@ -7,7 +7,8 @@ in ``RUNS``, which takes 5 minutes to several hours on 2 CPU cores — see docs/
     K-FAC, KFAC-VI with M = 1 / 10 / 50 weight samples per step, Adam, SGD, MC dropout and
     Pyro's mean-field SVI, all the standard LeNet5 for 15 epochs with batch 64.
 
-Then ``kfacvi analyze`` on each (skipped where ``ANALYSIS/NAME/report.json`` exists) and
+Then ``kfacvi analyze`` on each (skipped where ``ANALYSIS/NAME/report.json`` exists: a run whose
+report is there needs no checkpoint) and
 
 * a markdown table: test accuracy, NLL, ECE, Brier, ECE and accuracy averaged over the 25
   corruption/severity pairs, and OOD AUROC (mean over the OOD sets) of the predictive entropy and
@@ -17,6 +18,7 @@ Then ``kfacvi analyze`` on each (skipped where ``ANALYSIS/NAME/report.json`` exi
 Runs still training (a checkpoint without a final evaluation) are skipped.
 
     KFACVI_DATA=/path/to/cifar10 python examples/cifar10_uncertainty.py --skip-training
+    python examples/cifar10_uncertainty.py --skip-training --analysis docs/results/uncertainty   # committed reports
 """
 import argparse
 import json
@@ -71,15 +73,15 @@ def main():
     reports = {}
     for label, (name, train) in RUNS.items():
         run, out = args.runs / name, args.analysis / name
-        if not (run / "checkpoint.pt").exists():
-            if args.skip_training:
-                print(f"skipping {label}: no checkpoint in {run}")
-                continue
-            kfacvi(f"{train} --threads 1 --out {run}")
-        if not load_checkpoint(run).get("final"):
-            print(f"skipping {label}: {run} has not finished training")
-            continue
         if not (out / REPORT).exists():
+            if not (run / "checkpoint.pt").exists():
+                if args.skip_training:
+                    print(f"skipping {label}: no report in {out} and no checkpoint in {run}")
+                    continue
+                kfacvi(f"{train} --threads 1 --out {run}")
+            if not load_checkpoint(run).get("final"):
+                print(f"skipping {label}: {run} has not finished training")
+                continue
             kfacvi(f"analyze --checkpoint {run} --out {out} {args.analyze_args}")
         reports[label] = json.loads((out / REPORT).read_text())
     print(table(reports))
