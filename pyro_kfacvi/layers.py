@@ -119,12 +119,11 @@ class KroneckerAdapter(Adapter):
     def split(module, matrix):
         """Inverse of :meth:`join`, for any leading batch shape of ``matrix``."""
         batch = matrix.shape[:-2]
-        has_bias = module.bias is not None
-        weight = matrix[..., : matrix.shape[-1] - has_bias].reshape(*batch, *module.weight.shape)
-        params = {"weight": weight}
-        if has_bias:
-            params["bias"] = matrix[..., -1]
-        return params
+        if module.bias is None:
+            return {"weight": matrix.reshape(*batch, *module.weight.shape)}
+        # one split (its backward is one concatenation) rather than two slices
+        weight, bias = matrix.split([matrix.shape[-1] - 1, 1], -1)
+        return {"weight": weight.reshape(*batch, *module.weight.shape), "bias": bias.squeeze(-1)}
 
     @staticmethod
     def homogeneous_outer(columns, has_bias):
@@ -176,7 +175,7 @@ class LinearAdapter(KroneckerAdapter):
         weight, bias = params["weight"], params.get("bias")
         num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
         if num_samples == 1:
-            out = F.linear(x, weight[0], None if bias is None else bias[0])
+            out = F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
         elif shared is not None:  # one matmul with the M weight matrices stacked: (B, M·out)
             out = F.linear(shared, weight.flatten(0, 1), None if bias is None else bias.flatten())
             out = out.unflatten(-1, (num_samples, -1)).movedim(-2, 0).reshape(*x.shape[:-1], -1)
@@ -247,7 +246,7 @@ class Conv2dAdapter(KroneckerAdapter):
         weight, bias = params["weight"], params.get("bias")
         num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
         if num_samples == 1:
-            out = self.conv(module, x, weight[0], None if bias is None else bias[0])
+            out = self.conv(module, x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
         elif shared is not None:  # one convolution with the M filter banks stacked: (B, M·out, H, W)
             out = self.conv(module, shared, weight.flatten(0, 1), None if bias is None else bias.flatten())
             out = out.unflatten(1, (num_samples, -1)).transpose(0, 1).flatten(0, 1)
