@@ -23,7 +23,7 @@ Network Architectures"), chosen by the :class:`Recorder`'s ``kfac_approx``:
 
 * ``"expand"`` (KFC, Grosse & Martens 2016; the paper's): A = E_n[(1/T) Σ_t ã_t ã_tᵀ],
   G = E_n[Σ_t g_t g_tᵀ] — d_in² multiply-adds per position;
-* ``"reduce"``: A = E_n[ā ā ᵀ] with ā = (1/T) Σ_t ã_t, G = E_n[ĝ ĝᵀ] with ĝ = Σ_t g_t —
+* ``"reduce"``: A = E_n[ā āᵀ] with ā = (1/T) Σ_t ã_t, G = E_n[ĝ ĝᵀ] with ĝ = Σ_t g_t —
   d_in² per example, T times cheaper.
 
 Both coincide for T = 1 (a ``Linear`` on ``(B, d_in)``).
