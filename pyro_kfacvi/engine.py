@@ -235,7 +235,7 @@ class KFACVI:
         """Sums over one chunk of samples: NLL, weight gradients, curvature factors."""
         model, blocks = self.model, self.guide.blocks
         leaves = [s.detach().requires_grad_() for s in block_samples]
-        recorder = Recorder(self.kfac_approx) if with_curvature else None
+        recorder = Recorder(self.kfac_approx == "reduce") if with_curvature else None
         out = run_sampled(model.net, model.layers, self.guide.layer_params(leaves), x, leaves[0].shape[0], recorder)
         likelihood = model.likelihood
         nll = likelihood.nll(out, y)

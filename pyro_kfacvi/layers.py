@@ -41,12 +41,11 @@ KFAC_APPROXIMATIONS = ("expand", "reduce")
 class Recorder:
     """Collects, during one sampled forward pass, what the curvature back-end needs:
     per layer the sum of input outer products (the A side, computed on the fly) and the output
-    tensors whose gradients give the G side, for the ``kfac_approx`` of weight-shared layers."""
+    tensors whose gradients give the G side; K-FAC-reduce factors for weight-shared layers if
+    ``reduce``, else K-FAC-expand."""
 
-    def __init__(self, kfac_approx="expand"):
-        if kfac_approx not in KFAC_APPROXIMATIONS:
-            raise ValueError(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {kfac_approx!r}")
-        self.reduce = kfac_approx == "reduce"
+    def __init__(self, reduce=False):
+        self.reduce = reduce
         self.input_sums = {}
         self.outputs = {}
         self.normalized = {}
@@ -230,7 +229,8 @@ class Conv2dAdapter(KroneckerAdapter):
         positions = windows.shape[2] * windows.shape[3]
         if reduce:
             return windows.mean((2, 3)).reshape(x.shape[0], -1).T, positions
-        return windows.permute(1, 4, 5, 0, 2, 3).reshape(windows[0, :, 0, 0].numel(), -1), positions
+        channels = windows.shape[1] * windows.shape[4] * windows.shape[5]
+        return windows.permute(1, 4, 5, 0, 2, 3).reshape(channels, -1), positions
 
     def sampled_conv(self, module, x, weight, bias, num_samples):
         """Sample s's weights on sample s's rows: one grouped convolution on CUDA; on CPU, where

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from .distributed import MODES as PARALLEL_MODES
 from .engine import KFACVI, NONFINITE_POLICIES, WEIGHT_DECAY_MODES
-from .layers import KFAC_APPROXIMATIONS
 from .guide import KroneckerGuide
+from .layers import KFAC_APPROXIMATIONS
 from .likelihoods import Categorical
 from .model import BayesianModel
 from .models import MODELS, build_model
