@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pyro_kfacvi import KFACVI, BayesianModel, Categorical, Gaussian, KroneckerGuide, WarmupPolynomialLR
+from pyro_kfacvi.distributions import MatrixNormal
 
 
 @pytest.fixture(autouse=True)
@@ -59,9 +60,9 @@ def test_exact_posterior_of_bayesian_linear_regression():
     assert relative_error(torch.cov(draws.T), true_cov) <= 0.05
 
 
-def small_guide(rho, damping, bias=True):
+def small_guide(rho, damping, bias=True, split_damping=False):
     model = BayesianModel(nn.Linear(3, 2, bias=bias), Categorical(), 0.7, 100)
-    guide = KroneckerGuide(model, rho=rho, damping=damping)
+    guide = KroneckerGuide(model, rho=rho, damping=damping, split_damping=split_damping)
     curvature = guide.blocks[0].curvature
     d_in = 3 + bias
     a, g = torch.randn(d_in, d_in), torch.randn(2, 2)
@@ -70,10 +71,19 @@ def small_guide(rho, damping, bias=True):
     return model, guide, curvature
 
 
-def test_samples_have_the_damped_kronecker_covariance():
+def split_damped(curvature, damping):
+    """(A + π√γ I) ⊗ (G + √γ/π I) with π² = (tr A/d_A)/(tr G/d_G), dense."""
+    a, g = curvature.A, curvature.G
+    pi = ((a.trace() / len(a)) / (g.trace() / len(g))).sqrt()
+    return torch.kron(a + pi * damping**0.5 * torch.eye(len(a)), g + damping**0.5 / pi * torch.eye(len(g)))
+
+
+@pytest.mark.parametrize("split_damping", [False, True])
+def test_samples_have_the_damped_kronecker_covariance(split_damping):
     rho, damping = 0.5, 0.1
-    _, guide, curvature = small_guide(rho, damping)
-    dense = rho**2 * torch.linalg.inv(curvature.dense() + damping * torch.eye(8))
+    _, guide, curvature = small_guide(rho, damping, split_damping=split_damping)
+    damped = split_damped(curvature, damping) if split_damping else curvature.dense() + damping * torch.eye(8)
+    dense = rho**2 * torch.linalg.inv(damped)
     weight, bias = guide_draws(guide, torch.zeros(1, 3), 200_000, ["weight", "bias"])
     draws = column_major(weight, bias)
     assert relative_error(draws.mean(0), column_major(*guide.blocks[0].split(guide.blocks[0].loc).values())) < 0.02
@@ -111,10 +121,12 @@ def test_split_damping_preconditions_with_the_damped_factors():
     a, g = a @ a.T, g @ g.T
     curvature.update((a, g), beta=1.0)
     curvature.refresh()
-    pi = ((a.trace() / 4) / (g.trace() / 2)).sqrt()
-    dense = torch.kron(a + pi * damping**0.5 * torch.eye(4), g + damping**0.5 / pi * torch.eye(2))
+    dense = split_damped(curvature, damping)
     grad = torch.randn(2, 4)
     expected = torch.linalg.solve(dense, grad.T.reshape(-1)).reshape(4, 2).T
     torch.testing.assert_close(curvature.precondition(grad, damping), expected)
     q = guide.distributions()[0]
     torch.testing.assert_close(q.scale**2, 0.25 / curvature.eigenvalues(damping))
+    noise = torch.randn(3, 2, 4)  # the factored draw L_G ε L_Aᵀ is the eigenbasis draw Q_G (ε ⊙ S) Q_Aᵀ
+    assert isinstance(q, MatrixNormal)
+    torch.testing.assert_close(q.reparameterize(noise), q.loc + curvature.from_eigenbasis(noise * q.scale))
