@@ -101,15 +101,6 @@ class KroneckerFactors(nn.Module):
         root = damping ** 0.5
         return e_g + root / pi, e_a + root * pi
 
-    def inverse_square_roots(self, damping, scale=1.0):
-        """Split damping: (scale·Q_G diag(d_G)^{-1/2}, Q_A diag(d_A)^{-1/2}) for the damped factor
-        eigenvalues (d_G, d_A) — L_G ε L_Aᵀ has covariance scale²·((A + π√γ I) ⊗ (G + √γ/π I))⁻¹
-        for ε ~ N(0, I) (the sampler of eq. 12) — memoised like :meth:`eigenvalues`."""
-        def compute():
-            damped_g, damped_a = self.damped_factor_eigenvalues(damping)
-            return self.eigenvectors_G * (scale * damped_g.rsqrt()), self.eigenvectors_A * damped_a.rsqrt()
-        return self.derived.get("inverse_square_roots", self.spectrum_buffers(), (damping, scale), compute)
-
     def damped_inverses(self, damping):
         """Split damping: ((G + √γ/π I)⁻¹, (A + π√γ I)⁻¹), memoised like :meth:`eigenvalues`."""
         def compute():

@@ -57,23 +57,3 @@ class EigenbasisNormal(TorchDistribution):
     @property
     def mean(self):
         return self.loc
-
-
-class MatrixNormal(EigenbasisNormal):
-    r"""An :class:`EigenbasisNormal` on a matrix whose scale grid is an outer product,
-    S = s_G s_Aᵀ, as under split damping. Then
-
-    .. math:: W = μ + Q_G (ε ⊙ S) Q_Aᵀ = μ + L_G ε L_Aᵀ,   L_G = Q_G diag(s_G),  L_A = Q_A diag(s_A),
-
-    the matrix normal MN(μ, L_G L_Gᵀ, L_A L_Aᵀ): a draw is two matrix products with the
-    ``factors = (L_G, L_A)``, without the elementwise pass over the grid. The density is the
-    parent's (it needs S, which is ``factors``' column norms).
-    """
-
-    def __init__(self, loc, scale, basis, factors, scale_sums=None, validate_args=None):
-        self.factors = factors
-        super().__init__(loc, scale, basis, scale_sums, validate_args)
-
-    def reparameterize(self, noise):
-        left, right = self.factors
-        return self.loc + left @ noise @ right.T

@@ -233,17 +233,15 @@ class KFACVI:
 
     def _chunk(self, x, y, block_samples, with_curvature):
         """Sums over one chunk of samples: NLL, weight gradients, curvature factors."""
-        model, guide = self.model, self.guide
-        # the leaves are the parameters' views of the samples: autograd records no split or reshape
-        params = guide.layer_params([s.detach() for s in block_samples])
-        leaves = [value.requires_grad_() for layer in params.values() for value in layer.values()]
+        model, blocks = self.model, self.guide.blocks
+        leaves = [s.detach().requires_grad_() for s in block_samples]
         recorder = Recorder(self.kfac_approx == "reduce") if with_curvature else None
-        out = run_sampled(model.net, model.layers, params, x, block_samples[0].shape[0], recorder)
+        out = run_sampled(model.net, model.layers, self.guide.layer_params(leaves), x, leaves[0].shape[0], recorder)
         likelihood = model.likelihood
         nll = likelihood.nll(out, y)
         if not with_curvature:
-            return nll.detach(), self._summed_blocks(params, torch.autograd.grad(nll, leaves)), None
-        outputs = [recorder.outputs[block.name] for block in guide.blocks]
+            return nll.detach(), [g.sum(0) for g in torch.autograd.grad(nll, leaves)], None
+        outputs = [recorder.outputs[block.name] for block in blocks]
         if self.fisher == "empirical":
             grads = torch.autograd.grad(nll, leaves + outputs)
             weight_grads, output_grads = grads[: len(leaves)], grads[len(leaves):]
@@ -251,14 +249,8 @@ class KFACVI:
             weight_grads = torch.autograd.grad(nll, leaves, retain_graph=True)
             sampled = likelihood.distribution(out.detach(), validate_args=False).sample()
             output_grads = torch.autograd.grad(likelihood.nll(out, sampled), outputs)
-        factors = [self._factors(block, recorder, g) for block, g in zip(guide.blocks, output_grads)]
-        return nll.detach(), self._summed_blocks(params, weight_grads), factors
-
-    def _summed_blocks(self, params, param_grads):
-        """Per-parameter gradients ``(M, ...)``, laid out like ``params``, as blocks summed over the M samples."""
-        grads = iter(param_grads)
-        per_layer = {layer: {name: next(grads) for name in names} for layer, names in params.items()}
-        return [block.sum(0) for block in self.guide.blocks_of(per_layer)]
+        factors = [self._factors(block, recorder, g) for block, g in zip(blocks, output_grads)]
+        return nll.detach(), [g.sum(0) for g in weight_grads], factors
 
     @staticmethod
     def _factors(block, recorder, output_grad):

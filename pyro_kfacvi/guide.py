@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .curvature import DiagonalFactors, KroneckerFactors
-from .distributions import EigenbasisNormal, MatrixNormal, scale_sums_of
+from .distributions import EigenbasisNormal, scale_sums_of
 from .memo import DerivedValues
 
 
@@ -38,8 +38,6 @@ class PosteriorBlock(nn.Module):
         if rho == 0:
             return dist.Delta(self.loc, event_dim=self.loc.dim())
         scale, sums = self.scale(rho, damping)
-        if isinstance(self.curvature, KroneckerFactors) and self.curvature.split_damping:  # S = ρ s_G s_Aᵀ
-            return MatrixNormal(self.loc, scale, self.curvature, self.curvature.inverse_square_roots(damping, rho), sums)
         return EigenbasisNormal(self.loc, scale, self.curvature, sums)
 
     def scale(self, rho, damping):
@@ -56,11 +54,6 @@ class PosteriorBlock(nn.Module):
         """Block value(s) ``(..., *block_shape)`` → ``{parameter name: (..., *param_shape)}``."""
         module, adapter = self._layer
         return adapter.split(module, value)
-
-    def join(self, params):
-        """Inverse of :meth:`split`."""
-        module, adapter = self._layer
-        return adapter.join(module, params)
 
 
 class KroneckerGuide(nn.Module):
@@ -168,10 +161,6 @@ class KroneckerGuide(nn.Module):
     def layer_params(self, block_samples):
         """Block samples → ``{layer name: {parameter name: (M, *param_shape)}}`` for the network."""
         return {block.name: block.split(value) for block, value in zip(self.blocks, block_samples)}
-
-    def blocks_of(self, layer_params):
-        """Inverse of :meth:`layer_params` (e.g. for gradients): ``(M, *block_shape)`` per block."""
-        return [block.join(layer_params[block.name]) for block in self.blocks]
 
     def log_q(self, block_samples):
         """log q of each draw, shape ``(M,)``."""

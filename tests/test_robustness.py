@@ -17,6 +17,7 @@ from torch import nn
 from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, cli
 from pyro_kfacvi import curvature
 from pyro_kfacvi.data import cifar10
+from pyro_kfacvi.model import extremes
 from pyro_kfacvi.presets import TrainConfig
 from pyro_kfacvi.training import CheckpointError, Trainer, TrainingInterrupted, load_checkpoint
 from test_training import TINY, _strip_times, cifar10_root, fake_data
@@ -119,6 +120,18 @@ def poison_statistics(engine, monkeypatch, where, value, attempts):
 
     monkeypatch.setattr(engine, "statistics", statistics)
     return calls
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_one_non_finite_value_anywhere_shows_in_the_extremes(value):
+    tensors = [torch.randn(()), torch.randn(401, 401), torch.randn(7)]
+    tensors[1][0, 0] = 3e38  # finite, however large
+    assert torch.isfinite(extremes(tensors)).all()
+    for index, tensor in enumerate(tensors):
+        for position in {0, min(tensor.numel() // 2 + 3, tensor.numel() - 1), tensor.numel() - 1}:
+            poisoned = [t.clone() for t in tensors]
+            poisoned[index].view(-1)[position] = value
+            assert not torch.isfinite(extremes(poisoned)).all()
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
