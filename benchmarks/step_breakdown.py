@@ -8,6 +8,12 @@ the whole KFAC-VI step (median ms of ``--rounds`` rounds); then the tensor opera
 the two steps dispatches are counted. The engine never refreshes its
 curvature here (``curvature_every`` and ``inverse_every`` beyond the run), so this is the cost
 of the steps between refreshes; ``step_cost.py --curvature-every K`` gives the amortised cost.
+
+A part timed alone runs with caches its neighbours in a step would have left otherwise, so the
+second table measures each part in context: whole steps of engines with one part switched off
+(the sample fixed, the preconditioner the identity, the checks or the KL term skipped),
+interleaved step by step with SGD and the full step for ``--rounds`` × 10 rounds; a part's cost is
+the full step minus the step without it, from the 10th percentiles (the least disturbed steps).
 """
 import argparse
 import statistics
@@ -57,6 +63,40 @@ def operations_per_call(step, calls=10):
     return counter.count / calls
 
 
+def without(part, engine):
+    """``engine`` with one part of its step switched off (a benchmark-only patch of the instance)."""
+    if part == "drawing the sample (eq. 12)":
+        sample = engine.guide.sample_blocks(engine.num_particles)
+        engine.sample_blocks = lambda: sample
+    elif part == "preconditioning (eq. 10)":
+        for block in engine.guide.blocks:
+            block.curvature.precondition = lambda grad, damping: grad
+    elif part == "input and finiteness checks":
+        engine.model.check_values = lambda x, y: None
+        engine.check_finite = lambda *args: None
+    elif part == "KL term of the loss":
+        engine.complexity = lambda: 0.0
+    return engine
+
+
+def in_context_costs(make_engine, x, y, rounds):
+    """{part: (p10 full step − p10 step without it) / p10 SGD step}, and the full step's ratio."""
+    parts = ["drawing the sample (eq. 12)", "preconditioning (eq. 10)", "input and finiteness checks",
+             "KL term of the loss"]
+    engines = {"full": make_engine(), **{part: without(part, make_engine()) for part in parts}}
+    candidates = {"SGD": sgd_step_fn(x.device, x, y), **{name: (lambda e: lambda: e.step(x, y))(e)
+                                                            for name, e in engines.items()}}
+    times = {name: [] for name in candidates}
+    names = list(candidates)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            candidates[name]()
+            times[name].append(time.perf_counter() - start)
+    p10 = {name: statistics.quantiles(t, n=10)[0] for name, t in times.items()}
+    return {part: (p10["full"] - p10[part]) / p10["SGD"] for part in parts}, p10["full"] / p10["SGD"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -67,9 +107,13 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     x, y = random_batch(device)
-    engine = kfacvi_engine(device, args.samples, EngineSettings(NEVER, NEVER, args.split_damping))
-    engine.curvature_every = NEVER
-    engine.step(x, y)  # iteration 0 refreshes once; every later step is a step without curvature
+
+    def make_engine():
+        engine = kfacvi_engine(device, args.samples, EngineSettings(NEVER, NEVER, args.split_damping))
+        engine.step(x, y)  # iteration 0 refreshes once; every later step is a step without curvature
+        return engine
+
+    engine = make_engine()
     torch.manual_seed(0)
     net = LeNet5()
 
@@ -97,6 +141,10 @@ def main():
         print(f"  {name:<48} {ms:7.2f} {ms / 1000 / sgd:10.2f}")
     for name, count in operations.items():
         print(f"tensor operations per call, {name}: {count:.0f}")
+    costs, full = in_context_costs(make_engine, x, y, 10 * args.rounds)
+    print(f"in context (10th percentiles of {10 * args.rounds} interleaved rounds): KFAC-VI step / SGD step {full:.2f}")
+    for part, cost in costs.items():
+        print(f"  {part:<48} {cost:7.2f} SGD steps")
 
 
 if __name__ == "__main__":
