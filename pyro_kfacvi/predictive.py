@@ -11,12 +11,14 @@ class Predictive:
     shape ``(N, C)``; for ``Gaussian`` the predictive mean and variance. :meth:`samples` returns
     the per-sample predictions ``(S, N, ...)`` (probabilities or means), e.g. for mutual
     information. Samples are drawn ``chunk_size`` at a time and data processed ``batch_size``
-    rows at a time, so memory stays bounded. By default one pass holds about 1,024 images on the
-    CPU (128 rows × 8 samples, whose activations stay in cache; ``benchmarks/step_cost.py``
-    measured the batched predictive at 0.96× a loop over samples with it, 0.67× with passes of
-    4,000) and 8,192 on CUDA (1,000 rows). The network runs in eval mode (BatchNorm uses its
-    running statistics), its mode is restored afterwards. The same S posterior samples are used
-    for every data batch.
+    rows at a time, so memory stays bounded. By default one pass holds about 400 images on the
+    CPU, with as many samples as possible (up to 64; 8 rows × 50 samples for S = 50): the
+    activations stay in cache, and passes of 1,000 images or more made glibc hand freed memory
+    back to the system and fault it in again, up to a million page faults per 1,000 test images
+    (``benchmarks/step_cost.py`` measured the batched predictive at 0.75× a loop over samples with
+    passes of 128 rows × 8 samples; docs/performance.md). On CUDA one pass holds 8,192 images
+    (1,000 rows). The network runs in eval mode (BatchNorm uses its running statistics), its mode
+    is restored afterwards. The same S posterior samples are used for every data batch.
 
     Equivalent to averaging ``softmax(output)`` over the samples of
     ``pyro.infer.Predictive(model, guide=guide, num_samples=S)`` (tested).
@@ -34,8 +36,7 @@ class Predictive:
         self.model.check_batch(x)
         num = 1 if self.guide.is_point_mass else self.num_samples
         draws = self.guide.sample_blocks(num)
-        batch_size = self.batch_size or (1000 if x.is_cuda else 128)
-        chunk = self.chunk_size or max(1, (8192 if x.is_cuda else 1024) // min(batch_size, x.shape[0]))
+        batch_size, chunk = self.pass_shape(x, num)
         training = self.model.training
         self.model.eval()
         try:
@@ -49,6 +50,14 @@ class Predictive:
         finally:
             self.model.train(training)
         return torch.cat(rows, 1)
+
+    def pass_shape(self, x, num_samples):
+        """(data rows, samples) of one batched pass: the ones given, else the defaults above."""
+        if x.is_cuda:
+            rows = self.batch_size or 1000
+            return rows, self.chunk_size or max(1, 8192 // min(rows, x.shape[0]))
+        samples = self.chunk_size or min(num_samples, 64)
+        return self.batch_size or max(1, 400 // samples), samples
 
     def samples(self, x):
         """Per-sample predictions ``(S, N, ...)``: class probabilities or regression means."""

@@ -77,6 +77,17 @@ def test_predictive_agrees_with_pyro_predictive(trained, parallel):
     torch.testing.assert_close(conditioned.nodes["output"]["value"], direct)
 
 
+def test_predictive_outputs_do_not_depend_on_the_pass_shape(trained):
+    """Rows and samples per batched pass (the defaults, one at a time, uneven splits) give the same outputs."""
+    model, guide, _, x, _ = trained
+    outputs = []
+    for chunk_size, batch_size in [(None, None), (1, 1), (3, 5), (7, 16)]:
+        pyro.set_rng_seed(0)
+        outputs.append(Predictive(model, guide, 7, chunk_size=chunk_size, batch_size=batch_size).outputs(x))
+    for other in outputs[1:]:
+        torch.testing.assert_close(other, outputs[0])
+
+
 def test_trace_elbo_matches_the_engine_loss(trained):
     """Pyro's Monte Carlo ELBO (log q by our density) agrees with the engine's analytic-KL loss."""
     model, guide, engine, x, y = trained
