@@ -18,7 +18,8 @@ so the methods are compared after the same tuning budget each. Two sweeps:
   on the last 5,000 (``--validation 5000``). K-FAC and KFAC-VI (M = 1): (γ, lr × …) in
   (1e-3, 16), (1e-3, 64), (1e-2, 64), (1e-2, 256), (1e-1, 1024) — each γ with learning rates it
   can take (the larger γ, the smaller the preconditioned step); Adam: lr 2.5e-4, 5e-4, 1e-3,
-  2e-3, 4e-3. Everything else as in the ``lr`` sweep.
+  2e-3, 4e-3. Everything else as in the ``lr`` sweep. ``--methods noisy-kfac`` runs the same
+  (γ, lr) grid for Noisy K-FAC (KFAC-VI with the ELBO-exact ρ² = 1/N, M = 1).
 
 Both: a run that diverges counts as a failed setting; the selection is the highest validation
 accuracy of the final model (S = 10 posterior samples); ``--final`` then runs each method's
@@ -42,6 +43,7 @@ from pathlib import Path
 
 KFAC = ["train", "--preset", "lenet5-kfac"]
 KFACVI = ["train", "--preset", "lenet5-kfacvi", "--mc-samples", "1"]
+NOISY_KFAC = KFACVI + ["--optimizer", "noisy-kfac", "--rho", "none"]  # the ELBO-exact ρ² = 1/N
 ADAM = ["baseline", "--method", "adam"]
 VALIDATION = ["--epochs", "15", "--validation", "5000", "--test-samples", "10"]
 
@@ -62,6 +64,7 @@ SWEEPS = {
     "damping": (VALIDATION, {
         "kfac": (KFAC, DAMPING_LR),
         "kfacvi": (KFACVI, DAMPING_LR),
+        "noisy-kfac": (NOISY_KFAC, DAMPING_LR),
         "adam": (ADAM, settings("--lr", [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3])),
     }),
 }
@@ -118,7 +121,8 @@ def table(summary):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", choices=SWEEPS, default="lr")
-    parser.add_argument("--methods", default="kfac,kfacvi,adam", help="comma-separated subset of kfac,kfacvi,adam")
+    parser.add_argument("--methods", default="kfac,kfacvi,adam",
+                        help="comma-separated subset of kfac,kfacvi,adam (and noisy-kfac for the damping sweep)")
     parser.add_argument("--final", action="store_true", help="also run each method's selected setting in full")
     parser.add_argument("--runs", help="folder of the runs (default runs/<sweep>-sweep)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
