@@ -63,27 +63,36 @@ def operations_per_call(step, calls=10):
     return counter.count / calls
 
 
-def without(part, engine):
-    """``engine`` with one part of its step switched off (a benchmark-only patch of the instance)."""
-    if part == "drawing the sample (eq. 12)":
-        sample = engine.guide.sample_blocks(engine.num_particles)
-        engine.sample_blocks = lambda: sample
-    elif part == "preconditioning (eq. 10)":
-        for block in engine.guide.blocks:
-            block.curvature.precondition = lambda grad, damping: grad
-    elif part == "input and finiteness checks":
-        engine.model.check_values = lambda x, y: None
-        engine.check_finite = lambda *args: None
-    elif part == "KL term of the loss":
-        engine.complexity = lambda: 0.0
-    return engine
+def fixed_sample(engine):
+    sample = engine.guide.sample_blocks(engine.num_particles)
+    engine.sample_blocks = lambda: sample
+
+
+def identity_preconditioner(engine):
+    for block in engine.guide.blocks:
+        block.curvature.precondition = lambda grad, damping: grad
+
+
+def no_checks(engine):
+    engine.model.check_values = lambda x, y: None
+    engine.check_finite = lambda *args: None
+
+
+def no_kl(engine):
+    engine.complexity = lambda: 0.0
+
+
+#: part of a step → how to switch it off (benchmark-only patches of an engine instance)
+SWITCHES = {"drawing the sample (eq. 12)": fixed_sample, "preconditioning (eq. 10)": identity_preconditioner,
+            "input and finiteness checks": no_checks, "KL term of the loss": no_kl}
 
 
 def in_context_costs(make_engine, x, y, rounds):
     """{part: (p10 full step − p10 step without it) / p10 SGD step}, and the full step's ratio."""
-    parts = ["drawing the sample (eq. 12)", "preconditioning (eq. 10)", "input and finiteness checks",
-             "KL term of the loss"]
-    engines = {"full": make_engine(), **{part: without(part, make_engine()) for part in parts}}
+    engines = {"full": make_engine()}
+    for part, switch_off in SWITCHES.items():
+        engines[part] = make_engine()
+        switch_off(engines[part])
     candidates = {"SGD": sgd_step_fn(x.device, x, y), **{name: (lambda e: lambda: e.step(x, y))(e)
                                                             for name, e in engines.items()}}
     times = {name: [] for name in candidates}
@@ -94,7 +103,7 @@ def in_context_costs(make_engine, x, y, rounds):
             candidates[name]()
             times[name].append(time.perf_counter() - start)
     p10 = {name: statistics.quantiles(t, n=10)[0] for name, t in times.items()}
-    return {part: (p10["full"] - p10[part]) / p10["SGD"] for part in parts}, p10["full"] / p10["SGD"]
+    return {part: (p10["full"] - p10[part]) / p10["SGD"] for part in SWITCHES}, p10["full"] / p10["SGD"]
 
 
 def main():

@@ -29,9 +29,9 @@ Candidates (each owns its own freshly initialised network, model and guide, same
 * ``floor{M}`` and ``accumulated{M}``: the ``sgd`` step on M·64 images (M copies of the batch),
   as one batch and as M forward and backward passes of the 64 images accumulating the gradient
   before one update. The faster of the two is the physical floor of M weight samples: the
-  forward and backward cost of M×64 images, with no sampling and no curvature (on a CPU the
-  one batch of 3,200 images runs about half as fast per image as batches of 64, whose
-  activations stay in cache; on a GPU the one batch is the faster);
+  forward and backward cost of M×64 images, with no sampling and no curvature (on a CPU one
+  batch of 3,200 images ran at two thirds of the speed per image of 50 batches of 64, whose
+  activations stay in cache);
 * ``pyro_svi{M}``: ``pyro.infer.SVI`` with ``AutoNormal`` (mean-field) on the same
   ``BayesianModel``, ``Trace_ELBO(num_particles=M, vectorize_particles=True,
   max_plate_nesting=1)`` and ``pyro.optim.Adam(lr=1e-3)`` — what a Pyro user would pick instead
@@ -47,8 +47,7 @@ ms/step (robust to other load on the machine) and the mean (which includes the a
 eigendecomposition of every 10th KFAC-VI step that the median hides). On a shared machine whose
 neighbours slow steps down now and then (the medians of two identical runs then differ by up to
 ±0.1 in the ratios) the ratios of the 10th percentiles are printed too (``ratios_p10`` in the
-JSON): interference only adds time, so the fast tail is the least disturbed estimate; identical
-candidates agree to about ±0.01 in it.
+JSON): interference only adds time, so the fast tail is the least disturbed estimate.
 
 Peak memory: per candidate and M, in a fresh subprocess (so one run's high-water mark cannot
 leak into another), over 2 steps after 1 untimed one: on CPU the peak RSS (VmHWM of
