@@ -188,6 +188,20 @@ class LinearAdapter(KroneckerAdapter):
         return out
 
 
+def window_sums(x, dim, kernel, dilation):
+    """For each of the ``kernel`` offsets o = i·dilation of a stride-1 window along ``dim`` (length
+    n), the sum of the T = n − dilation·(kernel − 1) entries it covers, x[o] … x[o + T − 1]: the
+    total minus the entries before o and from o + T on (prefix sums of the two edges), so the
+    input is read once rather than once per offset. The offsets replace ``dim`` in the result."""
+    edge, n = dilation * (kernel - 1), x.shape[dim]
+    total = x.sum(dim, keepdim=True)
+    zero = torch.zeros_like(total)
+    before = torch.cat([zero, x.narrow(dim, 0, edge).cumsum(dim)], dim)  # Σ x[r < o], o = 0 … edge
+    after = torch.cat([x.narrow(dim, n - edge, edge).flip(dim).cumsum(dim).flip(dim), zero], dim)  # Σ x[r ≥ o + T]
+    offsets = torch.arange(0, edge + 1, dilation, device=x.device)
+    return (total - before - after).index_select(dim, offsets)
+
+
 class Conv2dAdapter(KroneckerAdapter):
     grouped = None  # None: grouped convolution on CUDA, one convolution per sample on CPU
 
@@ -223,14 +237,29 @@ class Conv2dAdapter(KroneckerAdapter):
     def input_columns(self, module, x, reduce=False):
         """The input patches a_t of every example and output position t as columns, shape
         ``(C·kh·kw, B·T)`` (im2col through :meth:`input_windows` and a single copy), or their
-        means over the positions, ``(C·kh·kw, B)``, if ``reduce``; and T. Rows are ordered like
-        ``weight.reshape(out, -1)``."""
-        windows = self.input_windows(module, x)
-        positions = windows.shape[2] * windows.shape[3]
+        means over the positions, ``(C·kh·kw, B)``, if ``reduce`` (:meth:`mean_patches`); and T.
+        Rows are ordered like ``weight.reshape(out, -1)``."""
         if reduce:
-            return windows.mean((2, 3)).reshape(x.shape[0], -1).T, positions
+            means, positions = self.mean_patches(module, x)
+            return means.reshape(x.shape[0], -1).T, positions
+        windows = self.input_windows(module, x)
         channels = windows.shape[1] * windows.shape[4] * windows.shape[5]
-        return windows.permute(1, 4, 5, 0, 2, 3).reshape(channels, -1), positions
+        return windows.permute(1, 4, 5, 0, 2, 3).reshape(channels, -1), windows.shape[2] * windows.shape[3]
+
+    def mean_patches(self, module, x):
+        """The mean input patch ā = (1/T) Σ_t a_t of every example, shape ``(B, C, kh, kw)``, and T.
+        With stride 1 the windows at one kernel offset cover a contiguous block of the padded
+        input, so their sums come from :func:`window_sums` over the rows, then the columns (one
+        pass over the input; 2–6× faster than the mean of the strided view for LeNet5's and
+        ResNet18's convolutions); other strides take the mean of :meth:`input_windows`."""
+        if tuple(module.stride) != (1, 1):
+            windows = self.input_windows(module, x)
+            return windows.mean((2, 3)), windows.shape[2] * windows.shape[3]
+        (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+        ph, pw = self.numeric_padding(module)
+        padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        positions = (padded.shape[2] - dh * (kh - 1)) * (padded.shape[3] - dw * (kw - 1))
+        return window_sums(window_sums(padded, 2, kh, dh), 3, kw, dw) / positions, positions
 
     def sampled_conv(self, module, x, weight, bias, num_samples):
         """Sample s's weights on sample s's rows: one grouped convolution on CUDA; on CPU, where

@@ -98,7 +98,8 @@ def brute_force_factors(net, x, y, reduce=False):
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("net_fn,shape", [
     (mlp, (4,)), (SmallCNN, (2, 6, 6)), (SequenceMLP, (3, 4)),
-    (lambda: SmallCNN(stride=(1, 2), padding=2, dilation=2, bias=False), (2, 6, 6))])
+    (lambda: SmallCNN(stride=(1, 2), padding=2, dilation=2, bias=False), (2, 6, 6)),
+    (lambda: SmallCNN(padding=(1, 0)), (2, 6, 6)), (lambda: SmallCNN(dilation=(2, 1)), (2, 6, 6))])
 def test_factors_equal_brute_force_per_example(net_fn, shape, kfac_approx):
     net = net_fn()
     model, guide, engine = setup(net, kfac_approx=kfac_approx)
