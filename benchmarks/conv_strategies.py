@@ -13,7 +13,9 @@ repeats:
   the 64 distinct images with the M filter banks stacked to ``M·C_out`` output channels.
 
 And the K-FAC input factor A = Σ ã ãᵀ of a convolution: ``F.unfold`` followed by a transpose
-copy, against im2col as one copy of a strided view (what the adapter does).
+copy, against im2col as one copy of a strided view (what the adapter does); and K-FAC-reduce's
+mean input patch of the 64 images: the mean of the strided view of all patches, against the
+window sums of the adapter (:func:`pyro_kfacvi.layers.window_sums`).
 """
 import argparse
 import statistics
@@ -21,6 +23,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from pyro_kfacvi.layers import window_sums
 
 BATCH = 64
 LAYERS = {  # name: (C_in, C_out, H = W, kernel, is the network input)
@@ -84,6 +88,19 @@ def input_factor(c_in, size, kernel, num_samples, device):
     return {"unfold": unfold_then_transpose, "strided": strided_view}
 
 
+def mean_patch(c_in, size, kernel, device):
+    x = torch.randn(BATCH, c_in, size, size, device=device)
+    positions = (size - kernel + 1) ** 2
+
+    def strided_mean():
+        return x.unfold(2, kernel, 1).unfold(3, kernel, 1).mean((2, 3))
+
+    def sums():
+        return window_sums(window_sums(x, 2, kernel, 1), 3, kernel, 1) / positions
+
+    return {"strided": strided_mean, "sums": sums}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -110,6 +127,10 @@ def main():
             ms = median_ms(input_factor(c_in, size, kernel, m, device), device, args.repeats)
             print(f"{'':<30}{name:<16} {m:3d} {ms['unfold']:8.1f} {ms['strided']:8.1f} "
                   f"{ms['strided'] / ms['unfold']:15.2f}")
+    print(f"\nmean patch (64 images, reduce): {'layer':<16} {'strided mean':>12} {'window sums':>12} {'sums/strided':>13}")
+    for name, (c_in, _, size, kernel, _) in LAYERS.items():
+        ms = median_ms(mean_patch(c_in, size, kernel, device), device, 10 * args.repeats)
+        print(f"{'':<32}{name:<16} {ms['strided']:12.3f} {ms['sums']:12.3f} {ms['sums'] / ms['strided']:13.2f}")
 
 
 if __name__ == "__main__":

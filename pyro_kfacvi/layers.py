@@ -250,8 +250,9 @@ class Conv2dAdapter(KroneckerAdapter):
         """The mean input patch ā = (1/T) Σ_t a_t of every example, shape ``(B, C, kh, kw)``, and T.
         With stride 1 the windows at one kernel offset cover a contiguous block of the padded
         input, so their sums come from :func:`window_sums` over the rows, then the columns (one
-        pass over the input; 2–6× faster than the mean of the strided view for LeNet5's and
-        ResNet18's convolutions); other strides take the mean of :meth:`input_windows`."""
+        pass over the input; 3–5× faster than the mean of the strided view for LeNet5's and a
+        ResNet18 convolution, ``benchmarks/conv_strategies.py``); other strides take the mean of
+        :meth:`input_windows`."""
         if tuple(module.stride) != (1, 1):
             windows = self.input_windows(module, x)
             return windows.mean((2, 3)), windows.shape[2] * windows.shape[3]
