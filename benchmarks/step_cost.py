@@ -61,7 +61,10 @@ patches, gradients); the persistent state (guide, curvature, optimiser) is not i
 Predictive: ``Predictive(model, guide, 50)`` over 10,000 test-shaped random images against a
 Python loop of 50 ``Predictive(model, guide, 1)`` calls, each one pass over the 10,000 images
 (averaging the 50 softmaxes), interleaved for ``--predictive-rounds`` rounds; images/second
-counts each image once (with all of its 50 samples).
+counts each image once (with all of its 50 samples). ``--predictive-pass 128x8`` sets the rows
+and samples of one batched pass (default: ``Predictive``'s). The minor page faults of each run
+(``ru_minflt``: memory the allocator had handed back to the system and touches again) are
+reported per 1,000 images.
 """
 import argparse
 import gc
@@ -395,26 +398,30 @@ def measure_memory(pairs, args):
 # predictive
 
 
-def measure_predictive(engine, rounds, test_size, device):
-    """Seconds per full predictive (S = 50 over ``test_size`` images): batched vs a loop over samples."""
+def measure_predictive(engine, rounds, test_size, device, pass_shape=(None, None)):
+    """Median seconds and minor page faults per full predictive (S = 50 over ``test_size``
+    images): batched, with ``pass_shape = (rows, samples)``, vs a loop over samples."""
     x_test, _ = random_batch(device, test_size, seed=1)
     model, guide = engine.model, engine.guide
-    batched = Predictive(model, guide, PREDICTIVE_SAMPLES)
+    rows, samples = pass_shape
+    batched = Predictive(model, guide, PREDICTIVE_SAMPLES, chunk_size=samples, batch_size=rows)
 
     def looped():
         single = Predictive(model, guide, 1)
         return sum(single(x_test) for _ in range(PREDICTIVE_SAMPLES)) / PREDICTIVE_SAMPLES
 
     runs = {"batched": lambda: batched(x_test), "loop": looped}
-    times = {name: [] for name in runs}
-    Predictive(model, guide, PREDICTIVE_SAMPLES)(x_test[:1000])  # warm-up on one data batch
+    times, faults = {name: [] for name in runs}, {name: [] for name in runs}
+    batched(x_test[:1000])  # warm-up on one data batch
     for r in range(rounds):
         order = list(runs) if r % 2 == 0 else list(runs)[::-1]
         for name in order:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[name] += timed_steps(runs[name], 1, device)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         print(f"  round {r + 1}/{rounds}: batched {times['batched'][-1]:.2f} s, loop {times['loop'][-1]:.2f} s",
               flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(times[name]), statistics.median(faults[name])) for name in runs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +467,8 @@ def print_report(candidates, step_ms, ratios, rows, memory, predictive):
     if predictive:
         print(f"\npredictive, S = {PREDICTIVE_SAMPLES} over {predictive['test_images']} images:")
         for name in ("batched", "loop"):
-            print(f"  {name:<8} {predictive[name + '_s']:8.2f} s  {predictive[name + '_images_per_s']:9.0f} images/s")
+            print(f"  {name:<8} {predictive[name + '_s']:8.2f} s  {predictive[name + '_images_per_s']:9.0f} images/s  "
+                  f"{predictive[name + '_page_faults_per_1000_images']:9.0f} page faults per 1,000 images")
         print(f"  batched speed-up over the loop: {predictive['loop_s'] / predictive['batched_s']:.2f}x")
 
 
@@ -481,6 +489,8 @@ def parse_args():
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--predictive-rounds", type=int, default=2, help="0 skips the predictive (default 2)")
     parser.add_argument("--test-size", type=int, default=10_000, help="predictive test images (default 10000)")
+    parser.add_argument("--predictive-pass", metavar="ROWSxSAMPLES",
+                        help="rows and samples of one batched predictive pass, e.g. 128x8 (default: Predictive's)")
     parser.add_argument("--curvature-every", type=int, default=1, metavar="K",
                         help="KFAC-VI curvature refresh every K steps, timed per K-step cycle (default 1)")
     parser.add_argument("--inverse-every", type=int, metavar="K2",
@@ -534,10 +544,13 @@ def main():
         engine = kfacvi_engine(device, 1)
         for _ in range(3):  # a few steps so the guide has curvature and a non-trivial covariance
             engine.step(x, y)
-        seconds = measure_predictive(engine, args.predictive_rounds, args.test_size, device)
-        predictive = {"test_images": args.test_size, "samples": PREDICTIVE_SAMPLES,
-                      **{f"{k}_s": v for k, v in seconds.items()},
-                      **{f"{k}_images_per_s": args.test_size / v for k, v in seconds.items()}}
+        pass_shape = tuple(map(int, args.predictive_pass.split("x"))) if args.predictive_pass else (None, None)
+        measured = measure_predictive(engine, args.predictive_rounds, args.test_size, device, pass_shape)
+        predictive = {"test_images": args.test_size, "samples": PREDICTIVE_SAMPLES, "pass_rows_samples": pass_shape,
+                      **{f"{k}_s": s for k, (s, _) in measured.items()},
+                      **{f"{k}_images_per_s": args.test_size / s for k, (s, _) in measured.items()},
+                      **{f"{k}_page_faults_per_1000_images": 1000 * f / args.test_size
+                         for k, (_, f) in measured.items()}}
 
     ratios, rows = ratios_and_table(step_ms, sample_counts)
     ratios_p10, _ = ratios_and_table(step_ms_p10, sample_counts)
