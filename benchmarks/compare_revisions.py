@@ -10,8 +10,9 @@ candidate gets the same LeNet5 (random CIFAR-10-shaped batch of 64, split dampin
 ``step_cost.py``), and the rounds alternate SGD and the candidates step by step (rotating the
 order). Printed: per candidate the step time over the SGD step at the 5th, 10th and 25th
 percentiles of each one's times — interference only adds time, so the fast tail is the least
-disturbed estimate (the same revision twice agrees to about ±0.01 in it). With K > 1 one call
-is K consecutive steps, one of which refreshes the curvature.
+disturbed estimate (the same revision entered three times agreed to ±0.006 in it, identical
+code at two revisions once to ±0.04). With K > 1 one call is K consecutive steps, one of which
+refreshes the curvature.
 """
 import argparse
 import importlib
