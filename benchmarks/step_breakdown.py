@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from step_cost import EngineSettings, kfacvi_engine, random_batch, sgd_step_fn
+from step_cost import EngineSettings, kfacvi_engine, random_batch, sgd_step_fn, tenth_percentile
 from pyro_kfacvi.models import LeNet5
 
 NEVER = 10**9
@@ -102,7 +102,7 @@ def in_context_costs(make_engine, x, y, rounds):
             start = time.perf_counter()
             candidates[name]()
             times[name].append(time.perf_counter() - start)
-    p10 = {name: statistics.quantiles(t, n=10)[0] for name, t in times.items()}
+    p10 = {name: tenth_percentile(t) for name, t in times.items()}
     return {part: (p10["full"] - p10[part]) / p10["SGD"] for part in SWITCHES}, p10["full"] / p10["SGD"]
 
 

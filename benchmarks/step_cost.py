@@ -187,7 +187,8 @@ def accumulated_step_fn(device, x, y, num_samples):
 
 
 def sgd_step_fn(device, x, y, micro_batches=1):
-    """SGD on ``micro_batches`` copies of ``(x, y)``: one forward and backward pass per copy, one update."""
+    """SGD on ``micro_batches`` copies of ``(x, y)``: one forward and backward pass per copy, their
+    gradients summed, one update (the cost does not depend on how the gradients are scaled)."""
     torch.manual_seed(0)
     net = LeNet5().to(device).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
@@ -195,7 +196,7 @@ def sgd_step_fn(device, x, y, micro_batches=1):
     def step():
         optimizer.zero_grad()
         for _ in range(micro_batches):
-            loss = F.cross_entropy(net(x), y) / micro_batches
+            loss = F.cross_entropy(net(x), y)
             loss.backward()
         optimizer.step()
         return loss.item()

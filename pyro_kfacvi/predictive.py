@@ -17,8 +17,9 @@ class Predictive:
     samples made it hand freed memory back to the system and fault it in again, 628,000 page
     faults per 1,000 images, and ran at 0.75× a loop over samples against 1.32× now
     (``benchmarks/step_cost.py --predictive-pass``; docs/performance.md). On CUDA one pass holds
-    8,192 images (1,000 rows). The network runs in eval mode (BatchNorm uses its running statistics), its mode
-    is restored afterwards. The same S posterior samples are used for every data batch.
+    8,192 images (1,000 rows). The network runs in eval mode (BatchNorm uses its running
+    statistics), its mode is restored afterwards. The same S posterior samples are used for every
+    data batch.
 
     Equivalent to averaging ``softmax(output)`` over the samples of
     ``pyro.infer.Predictive(model, guide=guide, num_samples=S)`` (tested).
