@@ -31,12 +31,12 @@ NEVER = 10**9
 
 def parts(engine, x, y):
     """Zero-argument callables for each part of a step without curvature, in the order of ``KFACVI.step``."""
-    blocks = engine.guide.sample_blocks(engine.num_particles)
+    blocks = engine.guide.sample_eigenbasis_blocks(engine.num_particles)
     stats = engine.statistics(x, y, blocks, with_curvature=False)
     loss = stats.nll + engine.complexity()
     return {
         "check_values (inputs finite, labels in range)": lambda: engine.model.check_values(x, y),
-        "sample_blocks (eq. 12)": lambda: engine.guide.sample_blocks(engine.num_particles),
+        "sample_eigenbasis_blocks (eq. 12)": lambda: engine.guide.sample_eigenbasis_blocks(engine.num_particles),
         "statistics: forward + backward (eq. 7)": lambda: engine.statistics(x, y, blocks, with_curvature=False),
         "complexity (KL term of the loss)": engine.complexity,
         "check_finite": lambda: engine.check_finite(0, loss, stats),
@@ -64,13 +64,12 @@ def operations_per_call(step, calls=10):
 
 
 def fixed_sample(engine):
-    sample = engine.guide.sample_blocks(engine.num_particles)
+    sample = engine.guide.sample_eigenbasis_blocks(engine.num_particles)
     engine.sample_blocks = lambda: sample
 
 
 def identity_preconditioner(engine):
-    for block in engine.guide.blocks:
-        block.curvature.precondition = lambda grad, damping: grad
+    engine.precondition = lambda grads: grads
 
 
 def no_checks(engine):

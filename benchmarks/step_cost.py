@@ -22,7 +22,7 @@ Candidates (each owns its own freshly initialised network, model and guide, same
   steps alone;
 * ``sequential{M}``: the same engine doing the same step with the M samples drawn and pushed
   through the network *one at a time*, torchsso-style: M calls of
-  ``engine.statistics(x, y, guide.sample_blocks(1), with_curvature)`` whose NLL, gradients and
+  ``engine.statistics(x, y, guide.sample_eigenbasis_blocks(1), with_curvature)`` whose NLL, gradients and
   Kronecker factors are summed and averaged, followed by exactly the rest of ``KFACVI.step``
   (finite check, curvature EMA, eigenbasis refresh every ``inverse_every`` steps, update).
   This was chosen over ``engine.chunk_size = 1`` because it also draws the samples one at a time;
@@ -229,7 +229,7 @@ def sequential_step(engine, x, y, num_samples):
     with_curvature = engine.iteration % engine.curvature_every == 0
     total = None
     for _ in range(num_samples):
-        total = add_statistics(total, engine.statistics(x, y, engine.guide.sample_blocks(1), with_curvature))
+        total = add_statistics(total, engine.statistics(x, y, engine.guide.sample_eigenbasis_blocks(1), with_curvature))
     stats = Statistics(total.nll / num_samples, [g / num_samples for g in total.grads],
                        None if total.factors is None else
                        [tuple(f / num_samples for f in fs) for fs in total.factors])
@@ -497,8 +497,8 @@ def parse_args():
     parser.add_argument("--inverse-every", type=int, metavar="K2",
                         help="KFAC-VI eigendecompositions every K2 steps (default max(10, K))")
     parser.add_argument("--split-damping", action="store_true",
-                        help="KFAC-VI with split_damping=True (the presets' choice: Kronecker inverses, 2 products "
-                             "per preconditioned block instead of 4)")
+                        help="KFAC-VI with split_damping=True (the presets' choice: damped factors (A + π√γ I) ⊗ "
+                             "(G + √γ/π I) instead of A ⊗ G + γI)")
     parser.add_argument("--kfac-approx", choices=KFAC_APPROXIMATIONS, default="expand",
                         help="Kronecker factors of the convolutions: 'expand' (KFC, the paper's; default) or "
                              "'reduce' (Eschenhagen et al. 2023, one outer product per image instead of per position)")
@@ -579,7 +579,7 @@ def main():
                          "inverse_every": settings.inverse_every, "split_damping": settings.split_damping,
                          "kfac_approx": settings.kfac_approx,
                          "data": "random tensors (torch.randn / randint)",
-                         "sequential": "M x engine.statistics(sample_blocks(1)) + one update"},
+                         "sequential": "M x engine.statistics(sample_eigenbasis_blocks(1)) + one update"},
         }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

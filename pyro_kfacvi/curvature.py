@@ -1,21 +1,20 @@
 """Curvature back-ends: moving averages of the Fisher, their eigenbases and exact damping.
 
-Each back-end stores F̂ for one posterior block and answers three questions in the eigenbasis
-of F̂ (where damping is exact, as in the noisy natural gradient reference code):
+Each back-end stores F̂ for one posterior block and describes it in the eigenbasis of F̂ (where
+damping is exact, as in the noisy natural gradient reference code):
 
 * ``eigenvalues(γ)``: the grid of eigenvalues of F̂ + γI, shaped like the block;
 * ``to_eigenbasis(w)`` / ``from_eigenbasis(z)``: the orthogonal change of basis;
-* ``precondition(g, γ)``: (F̂ + γI)⁻¹ g (eq. 10).
+* ``refresh(carried)``: new eigenbases, with block tensors held in the old one re-expressed.
 
 :class:`KroneckerFactors` keeps F̂ ≈ A ⊗ G (A: input second moments with the homogeneous
 coordinate, G: output-gradient second moments). With A = Q_A diag(e_A) Q_Aᵀ and
-G = Q_G diag(e_G) Q_Gᵀ the damped inverse is exact:
-(A ⊗ G + γI)⁻¹ vec(V) = vec(Q_G [(Q_Gᵀ V Q_A) ⊘ (e_G e_Aᵀ + γ)] Q_Aᵀ).
+G = Q_G diag(e_G) Q_Gᵀ, a block W̃ has eigenbasis coordinates Z = Q_Gᵀ W̃ Q_A, in which the
+damped curvature is diagonal: (A ⊗ G + γI)⁻¹ vec(V) = vec(Q_G [(Q_Gᵀ V Q_A) ⊘ (e_G e_Aᵀ + γ)] Q_Aᵀ).
 :class:`DiagonalFactors` keeps a diagonal F̂ (used for BatchNorm's scale and shift).
 
-What derives from the eigenbases (damped eigenvalues; for split damping the Kronecker inverses
-that precondition with two matrix products instead of four) is memoised until the next refresh
-or change of γ (:mod:`pyro_kfacvi.memo`).
+The damped eigenvalues are memoised until the next refresh or change of γ
+(:mod:`pyro_kfacvi.memo`).
 """
 import torch
 from torch import nn
@@ -47,11 +46,6 @@ def symmetric_eigh(matrix):
     return eigenvalues.clamp_min(0).to(matrix.dtype), eigenvectors.to(matrix.dtype)
 
 
-def inverse_from_eigh(eigenvectors, eigenvalues):
-    """Q diag(1/e) Qᵀ."""
-    return (eigenvectors / eigenvalues) @ eigenvectors.T
-
-
 class KroneckerFactors(nn.Module):
     """F̂ ≈ A ⊗ G for a block matrix W̃ like ``like`` ``(d_out, d_in)``; A is (d_in, d_in), G is (d_out, d_out)."""
 
@@ -76,12 +70,16 @@ class KroneckerFactors(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def refresh(self):
-        """Recompute the eigenbases of A and G."""
+    def refresh(self, carried=()):
+        """Recompute the eigenbases of A and G; the block tensors ``carried`` (coordinates in the
+        old eigenbasis, e.g. the mean and the momentum) are re-expressed in the new one."""
+        weights = [self.from_eigenbasis(z) for z in carried]
         for side in ("A", "G"):
             values, vectors = symmetric_eigh(getattr(self, side))
             getattr(self, f"eigenvalues_{side}").copy_(values)
             getattr(self, f"eigenvectors_{side}").copy_(vectors)
+        for z, w in zip(carried, weights):
+            z.copy_(self.to_eigenbasis(w))
 
     def eigenvalues(self, damping):
         """Eigenvalues of the damped curvature arranged as the block: e_G[i]·e_A[j] + γ (exact),
@@ -101,14 +99,6 @@ class KroneckerFactors(nn.Module):
         root = damping ** 0.5
         return e_g + root / pi, e_a + root * pi
 
-    def damped_inverses(self, damping):
-        """Split damping: ((G + √γ/π I)⁻¹, (A + π√γ I)⁻¹), memoised like :meth:`eigenvalues`."""
-        def compute():
-            damped_g, damped_a = self.damped_factor_eigenvalues(damping)
-            return (inverse_from_eigh(self.eigenvectors_G, damped_g),
-                    inverse_from_eigh(self.eigenvectors_A, damped_a))
-        return self.derived.get("inverses", self.spectrum_buffers(), (damping,), compute)
-
     def spectrum_buffers(self):
         return (self.eigenvalues_A, self.eigenvalues_G, self.eigenvectors_A, self.eigenvectors_G)
 
@@ -117,14 +107,6 @@ class KroneckerFactors(nn.Module):
 
     def from_eigenbasis(self, z):
         return self.eigenvectors_G @ z @ self.eigenvectors_A.T
-
-    def precondition(self, grad, damping):
-        """(F̂ + γI)⁻¹ vec(grad) (eq. 10): in the eigenbasis for exact damping; as the two
-        Kronecker inverses, (G + √γ/π I)⁻¹ grad (A + π√γ I)⁻¹, for split damping."""
-        if self.split_damping:
-            inverse_g, inverse_a = self.damped_inverses(damping)
-            return inverse_g @ grad @ inverse_a
-        return self.from_eigenbasis(self.to_eigenbasis(grad) / self.eigenvalues(damping))
 
     def dense(self):
         """The dense matrix A ⊗ G acting on column-major vec(W̃) (for tests and small layers)."""
@@ -145,7 +127,7 @@ class DiagonalFactors(nn.Module):
         ema_(self.diagonal, factors[0], beta, bool(self.initialized))
         self.initialized.fill_(True)
 
-    def refresh(self):
+    def refresh(self, carried=()):
         """The eigenbasis of a diagonal matrix is the identity: nothing to do."""
 
     def eigenvalues(self, damping):
@@ -156,6 +138,3 @@ class DiagonalFactors(nn.Module):
 
     def from_eigenbasis(self, z):
         return z
-
-    def precondition(self, grad, damping):
-        return grad / self.eigenvalues(damping)

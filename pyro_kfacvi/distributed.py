@@ -48,21 +48,21 @@ def stream_seed(seed, *key):
 
 
 def draw_weight_samples(guide, seed, step, indices):
-    """The weight samples ``indices`` of ``step``, per block ``(len(indices), *block_shape)``.
+    """The weight samples ``indices`` of ``step`` in eigenbasis coordinates, per block
+    ``(len(indices), *block_shape)`` (:meth:`KroneckerGuide.sample_eigenbasis_blocks`).
 
-    Sample i is θ_i = μ + U(ε_i ⊙ scale) (:meth:`EigenbasisNormal.reparameterize`) with ε_i drawn,
-    block after block, from a generator seeded by :func:`stream_seed` ``(seed, step, i)``."""
+    Sample i is Q_Gᵀ μ Q_A + ε_i ⊙ S (:meth:`KroneckerGuide.eigenbasis_draws`) with ε_i drawn, block
+    after block, from a generator seeded by :func:`stream_seed` ``(seed, step, i)``."""
     if guide.is_point_mass:
-        return guide.sample_blocks(len(indices))
-    posteriors = guide.distributions()
-    device = guide.blocks[0].loc.device
+        return guide.sample_eigenbasis_blocks(len(indices))
+    means = [block.eigenbasis_loc for block in guide.blocks]
 
     def noise(index):
-        generator = torch.Generator(device).manual_seed(stream_seed(seed, step, index))
-        return [torch.randn(q.loc.shape, generator=generator, dtype=q.loc.dtype, device=device) for q in posteriors]
+        generator = torch.Generator(means[0].device).manual_seed(stream_seed(seed, step, index))
+        return [torch.randn(m.shape, generator=generator, dtype=m.dtype, device=m.device) for m in means]
 
     per_sample = [noise(index) for index in indices]
-    return [q.reparameterize(torch.stack(eps)) for q, eps in zip(posteriors, zip(*per_sample))]
+    return guide.eigenbasis_draws([torch.stack(eps) for eps in zip(*per_sample)])
 
 
 def grid(mode, world_size, sample_groups=None):
@@ -225,9 +225,9 @@ def payload_bytes(guide, with_curvature=True):
     def numel(block):
         curvature = block.curvature
         factors = (curvature.A, curvature.G) if isinstance(curvature, KroneckerFactors) else (curvature.diagonal,)
-        return block.loc.numel() + (sum(f.numel() for f in factors) if with_curvature else 0)
+        return block.eigenbasis_loc.numel() + (sum(f.numel() for f in factors) if with_curvature else 0)
 
-    size = guide.blocks[0].loc.element_size()
+    size = guide.blocks[0].eigenbasis_loc.element_size()
     return {**{block.name: numel(block) * size for block in guide.blocks}, "(NLL, count)": 2 * size}
 
 
@@ -241,7 +241,7 @@ def main(argv=None):
     _, guide, _ = build(config, num_data=50_000, steps_per_epoch=1)
     with_curvature, gradients_only = payload_bytes(guide), payload_bytes(guide, with_curvature=False)
     print(f"{config.model}: bytes all-reduced per step and rank (float32)")
-    shapes = {block.name: "x".join(map(str, block.loc.shape)) for block in guide.blocks}
+    shapes = {block.name: "x".join(map(str, block.eigenbasis_loc.shape)) for block in guide.blocks}
     print(f"{'layer':<14}{'block':>12}{'gradients':>12}{'+ A and G':>12}")
     for name, size in with_curvature.items():
         print(f"{name:<14}{shapes.get(name, ''):>12}{gradients_only[name]:>12,}{size:>12,}")

@@ -38,6 +38,11 @@ class KFACVI:
     * (11) μ ← μ − α_t v
     * (12) Σ = ρ² (F̂ + γI)⁻¹ (held by the guide)
 
+    All of it happens in the eigenbasis of each block's F̂ (Z = Q_Gᵀ W̃ Q_A for a Kronecker block),
+    where (F̂ + γI)⁻¹ and Σ are diagonal: the samples are drawn there elementwise, the layers
+    return ḡ there (:mod:`pyro_kfacvi.layers`), eq. (10) divides by the damped eigenvalues, and μ
+    and v stay there, re-expressed whenever the eigenbases are recomputed.
+
     π = kl_weight/(Nη) is the prior precision per datum in the guide's ELBO-exact mode (0
     otherwise). γ is the guide's posterior damping. The weight decay λ enters as
     ``weight_decay_mode``:
@@ -114,7 +119,7 @@ class KFACVI:
         self.on_nonfinite, self.max_retries, self.damping_growth = on_nonfinite, int(max_retries), float(damping_growth)
         self.parallel = parallel
         self.iteration = 0
-        self.velocities = [torch.zeros_like(block.loc) for block in guide.blocks]
+        self.velocities = [torch.zeros_like(block.eigenbasis_loc) for block in guide.blocks]  # in eigenbasis coordinates
 
     # ----------------------------------------------------------------------------------------
     def hyperparameters(self, t):
@@ -125,10 +130,10 @@ class KFACVI:
         return self.lr, self.momentum
 
     def sample_blocks(self):
-        """The step's M weight samples: from the global RNG, or from this rank's sample stream
-        under ``parallel`` (keyed by the iteration, so a retried step reuses its noise)."""
+        """The step's M weight samples in eigenbasis coordinates: from the global RNG, or from this
+        rank's sample stream under ``parallel`` (keyed by the iteration, so a retried step reuses its noise)."""
         if self.parallel is None:
-            return self.guide.sample_blocks(self.num_particles)
+            return self.guide.sample_eigenbasis_blocks(self.num_particles)
         return self.parallel.sample_blocks(self.guide, self.num_particles, self.iteration)
 
     def step(self, x, y):
@@ -149,12 +154,13 @@ class KFACVI:
         """The rest of a step, given its finite statistics: eq. (9) when they hold curvature, the
         eigenbases every ``inverse_every`` steps, eqs. (10, 11); advances the iteration."""
         t = self.iteration
+        self.velocities = [v.to(b.eigenbasis_loc.device) for v, b in zip(self.velocities, self.guide.blocks)]
         if stats.factors is not None:
             for block, factors in zip(self.guide.blocks, stats.factors):
                 block.curvature.update(factors, self.beta)  # (9)
-        if t % self.inverse_every == 0:
-            for block in self.guide.blocks:
-                block.curvature.refresh()
+        if t % self.inverse_every == 0:  # ḡ, drawn in the old eigenbases, moves along with μ and v
+            for block, velocity, grad in zip(self.guide.blocks, self.velocities, stats.grads):
+                block.refresh(carried=(velocity, grad))
         self.update(stats.grads, *self.hyperparameters(t))
         self.iteration += 1
 
@@ -212,7 +218,9 @@ class KFACVI:
 
     # ----------------------------------------------------------------------------------------
     def statistics(self, x, y, block_samples, with_curvature=True):
-        """Eqs. (7, 8) for the given block samples ``(M, *block_shape)``, processed in chunks."""
+        """Eqs. (7, 8) for the given block samples ``(M, *block_shape)`` in eigenbasis coordinates
+        (:meth:`KroneckerGuide.sample_eigenbasis_blocks`), processed in chunks; ḡ comes in the
+        same coordinates, F̄ in the weights'."""
         num_samples, batch = block_samples[0].shape[0], x.shape[0]
         chunk = self.chunk_size or max(1, 1024 // batch)
         grads, factors, nll = None, None, 0.0
@@ -236,7 +244,8 @@ class KFACVI:
         model, blocks = self.model, self.guide.blocks
         leaves = [s.detach().requires_grad_() for s in block_samples]
         recorder = Recorder(self.kfac_approx == "reduce") if with_curvature else None
-        out = run_sampled(model.net, model.layers, self.guide.layer_params(leaves), x, leaves[0].shape[0], recorder)
+        params = self.guide.eigenbasis_layer_params(leaves)
+        out = run_sampled(model.net, model.layers, params, x, leaves[0].shape[0], recorder)
         likelihood = model.likelihood
         nll = likelihood.nll(out, y)
         if not with_curvature:
@@ -263,25 +272,30 @@ class KFACVI:
 
     @torch.no_grad()
     def update(self, grads, lr, momentum):
-        """Eqs. (10, 11) for every block."""
+        """Eqs. (10, 11) for every block, in eigenbasis coordinates (the prior and the weight decay
+        are isotropic, so they read the same there)."""
         guide = self.guide
-        damping, prior = guide.posterior_damping, guide.prior_precision
-        coupled = prior + (self.weight_decay if self.weight_decay_mode == "coupled" else 0.0)
+        coupled = guide.prior_precision + (self.weight_decay if self.weight_decay_mode == "coupled" else 0.0)
         decoupled = {"coupled": 0.0, "decoupled": self.weight_decay, "literal": self.weight_decay / lr}
-        self.velocities = [v.to(b.loc.device) for v, b in zip(self.velocities, guide.blocks)]
-        means = [block.loc for block in guide.blocks]
+        means = [block.eigenbasis_loc for block in guide.blocks]
         if coupled:
             grads = torch._foreach_add(grads, means, alpha=coupled)
-        directions = [block.curvature.precondition(g, damping) for block, g in zip(guide.blocks, grads)]  # (10)
+        directions = self.precondition(grads)  # (10)
         if decoupled[self.weight_decay_mode]:
             torch._foreach_add_(directions, means, alpha=decoupled[self.weight_decay_mode])
         torch._foreach_mul_(self.velocities, momentum)
         torch._foreach_add_(self.velocities, directions)  # (10)
         torch._foreach_add_(means, self.velocities, alpha=-lr)  # (11)
 
+    def precondition(self, grads):
+        """(F̂ + γI)⁻¹ ḡ (eq. 10) for gradients in eigenbasis coordinates: a division by the damped eigenvalues."""
+        damping = self.guide.posterior_damping
+        return torch._foreach_div(grads, [block.curvature.eigenvalues(damping) for block in self.guide.blocks])
+
     # ----------------------------------------------------------------------------------------
     def state_dict(self):
-        """The iteration, the momentum and γ (which ``on_nonfinite="retry"`` may have grown)."""
+        """The iteration, the momentum (in eigenbasis coordinates, like the guide's mean) and γ
+        (which ``on_nonfinite="retry"`` may have grown)."""
         return {"iteration": self.iteration, "velocities": [v.clone() for v in self.velocities],
                 "damping": self.guide.damping}
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .curvature import DiagonalFactors, KroneckerFactors
 from .distributions import EigenbasisNormal, scale_sums_of
+from .layers import EigenbasisBlock
 from .memo import DerivedValues
 
 
@@ -15,7 +16,9 @@ class PosteriorBlock(nn.Module):
     """q for the parameters of one layer, as one block: the matrix W̃ = [W | b] of a ``Linear``
     or ``Conv2d`` (Kronecker curvature) or the vector [γ, β] of a ``BatchNorm`` (diagonal).
 
-    Holds the mean μ (initialised from the layer's current parameters) and the curvature F̂.
+    Holds the curvature F̂ and the mean μ (initialised from the layer's current parameters), the
+    latter as its coordinates in the eigenbasis of F̂, ``eigenbasis_loc`` = Q_Gᵀ μ Q_A, where q's
+    covariance and the preconditioner are diagonal (:attr:`loc` is μ itself).
     """
 
     def __init__(self, name, module, adapter, sites, split_damping=False):
@@ -24,10 +27,33 @@ class PosteriorBlock(nn.Module):
         self._layer = (module, adapter)
         self.sites = sites
         params = {p: getattr(module, p).detach() for p in adapter.param_names(module)}
-        self.register_buffer("loc", adapter.join(module, params).clone())
+        loc = adapter.join(module, params).clone()
         factors = KroneckerFactors if adapter.kind == "kronecker" else DiagonalFactors
-        self.curvature = factors(self.loc, split_damping)
+        self.curvature = factors(loc, split_damping)  # its initial eigenbasis is the identity
+        self.register_buffer("eigenbasis_loc", loc)
         self.derived = DerivedValues()
+
+    @property
+    def loc(self):
+        """μ, shaped like the block."""
+        return self.curvature.from_eigenbasis(self.eigenbasis_loc)
+
+    def refresh(self, carried=()):
+        """New eigenbases of F̂; the mean and the block tensors ``carried`` (eigenbasis
+        coordinates too, e.g. a momentum) are re-expressed in them."""
+        self.curvature.refresh((self.eigenbasis_loc, *carried))
+
+    def eigenbasis_draws(self, noise, scale):
+        """μ + Σ^½ ε in eigenbasis coordinates, Q_Gᵀ μ Q_A + ε ⊙ S (eq. 12), for standard normal
+        ``noise`` ε of shape ``(M, *block_shape)``."""
+        return torch.addcmul(self.eigenbasis_loc, noise, scale)
+
+    def eigenbasis_params(self, values):
+        """Draws in eigenbasis coordinates → what the layer's adapter runs with."""
+        module, adapter = self._layer
+        if adapter.kind == "kronecker":
+            return EigenbasisBlock(values, self.curvature.eigenvectors_G, self.curvature.eigenvectors_A)
+        return adapter.split(module, values)
 
     @property
     def aux_site(self):
@@ -162,6 +188,24 @@ class KroneckerGuide(nn.Module):
         """Block samples → ``{layer name: {parameter name: (M, *param_shape)}}`` for the network."""
         return {block.name: block.split(value) for block, value in zip(self.blocks, block_samples)}
 
+    def sample_eigenbasis_blocks(self, num_samples):
+        """M draws of every block in its eigenbasis coordinates (see :class:`PosteriorBlock`),
+        ``(M, *block_shape)`` each: elementwise, the basis change is left to the layers."""
+        if self.is_point_mass:
+            return [block.eigenbasis_loc.expand(num_samples, *block.eigenbasis_loc.shape) for block in self.blocks]
+        return self.eigenbasis_draws([torch.randn(num_samples, *block.eigenbasis_loc.shape, dtype=block.eigenbasis_loc.dtype,
+                                                  device=block.eigenbasis_loc.device) for block in self.blocks])
+
+    def eigenbasis_draws(self, noises):
+        """Draws in eigenbasis coordinates for standard normal ``noises`` ε, one ``(M, *block_shape)`` per block."""
+        return [block.eigenbasis_draws(noise, block.scale(self.rho, self.posterior_damping)[0])
+                for block, noise in zip(self.blocks, noises)]
+
+    def eigenbasis_layer_params(self, block_values):
+        """Draws in eigenbasis coordinates → ``{layer name: params}`` for the network (Kronecker
+        blocks as :class:`~pyro_kfacvi.layers.EigenbasisBlock`)."""
+        return {block.name: block.eigenbasis_params(value) for block, value in zip(self.blocks, block_values)}
+
     def log_q(self, block_samples):
         """log q of each draw, shape ``(M,)``."""
         return sum(q.log_prob(value) for q, value in zip(self.distributions(), block_samples))
@@ -169,13 +213,14 @@ class KroneckerGuide(nn.Module):
     def kl_to_prior(self):
         """KL(q ‖ N(0, ηI)) = ½[(tr Σ + ‖μ‖²)/η − D + D log η − log|Σ|] over all D parameters
         (infinite for a point mass). The terms in Σ change only with the eigenbases and are kept
-        until then; ‖μ‖² is one fused reduction over the blocks."""
+        until then; ‖μ‖² is one fused reduction over the blocks (in eigenbasis coordinates: the bases
+        are orthogonal)."""
         if self.is_point_mass:
             return torch.tensor(math.inf, device=self.blocks[0].loc.device)
         eta = self.model.prior_variance
         scales = [block.scale(self.rho, self.posterior_damping) for block in self.blocks]
         constant = self.derived.get("kl_constant", [s for s, _ in scales], (eta,), lambda: self.kl_constant(scales, eta))
-        squared_norm = torch.stack(torch._foreach_norm([block.loc for block in self.blocks])).square().sum()
+        squared_norm = torch.stack(torch._foreach_norm([block.eigenbasis_loc for block in self.blocks])).square().sum()
         return 0.5 * squared_norm / eta + constant
 
     def kl_constant(self, scales, eta):
@@ -185,9 +230,10 @@ class KroneckerGuide(nn.Module):
         return 0.5 * (trace / eta - d + d * math.log(eta) - log_det)
 
     def log_prior_of_mean(self):
-        """log N(μ; 0, ηI), the prior term of the MAP objective (used when ρ = 0)."""
+        """log N(μ; 0, ηI), the prior term of the MAP objective (used when ρ = 0); isotropic, so the
+        same in eigenbasis coordinates."""
         eta = self.model.prior_variance
-        return sum(dist.Normal(0.0, math.sqrt(eta)).log_prob(block.loc).sum() for block in self.blocks)
+        return sum(dist.Normal(0.0, math.sqrt(eta)).log_prob(block.eigenbasis_loc).sum() for block in self.blocks)
 
     @torch.no_grad()
     def mean_network(self):

@@ -16,6 +16,12 @@ form the matrix W̃ = [W, b] of shape ``(d_out, d_in + 1)`` (bias folded in as a
 coordinate, Kronecker-factored curvature A ⊗ G); ``BatchNorm`` forms the vector [γ, β]
 (diagonal curvature).
 
+The engine hands a Kronecker block to its layer in the eigenbasis of its curvature, as an
+:class:`EigenbasisBlock` Z = Q_Gᵀ W̃ Q_A: the layer turns it into weights W̃ = Q_G Z Q_Aᵀ inside
+the autograd graph, so that the backward pass returns the gradient in the eigenbasis directly —
+or, for a ``Linear`` layer that sees fewer rows per sample than its input width, never forms W̃ at
+all and computes x W̃ᵀ = ((x̃ Q_A) Zᵀ) Q_Gᵀ (:meth:`LinearAdapter.runs_in_eigenbasis`).
+
 A layer whose weights are shared over T positions per example (a convolution's output
 positions, a ``Linear`` applied to a sequence) has two Kronecker factorisations of the per-datum
 Fisher (Eschenhagen et al. 2023, "Kronecker-Factored Approximate Curvature for Modern Neural
@@ -29,6 +35,7 @@ Network Architectures"), chosen by the :class:`Recorder`'s ``kfac_approx``:
 Both coincide for T = 1 (a ``Linear`` on ``(B, d_in)``).
 """
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +43,20 @@ from torch import nn
 
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
+
+
+@dataclass
+class EigenbasisBlock:
+    """M samples of a Kronecker block in the eigenbasis of its curvature, ``values`` = Z of shape
+    ``(M, d_out, d_in)``, with the bases: W̃ = Q_G Z Q_Aᵀ, Q_G = ``basis_out``, Q_A = ``basis_in``."""
+
+    values: torch.Tensor
+    basis_out: torch.Tensor
+    basis_in: torch.Tensor
+
+    def weights(self):
+        """W̃ = Q_G Z Q_Aᵀ for every sample, ``(M, d_out, d_in)``."""
+        return self.basis_out @ self.values @ self.basis_in.T
 
 
 class Recorder:
@@ -124,6 +145,10 @@ class KroneckerAdapter(Adapter):
         weight, bias = matrix.split([matrix.shape[-1] - 1, 1], -1)
         return {"weight": weight.reshape(*batch, *module.weight.shape), "bias": bias.squeeze(-1)}
 
+    def weight_params(self, module, params):
+        """``params`` as ``{"weight": ..., "bias": ...}``: an :class:`EigenbasisBlock` turned into weights."""
+        return self.split(module, params.weights()) if isinstance(params, EigenbasisBlock) else params
+
     @staticmethod
     def homogeneous_outer(columns, has_bias):
         """Σ ã ãᵀ over the columns of ``columns`` (d, n), with ã = [a, 1] when the layer has a bias."""
@@ -170,22 +195,47 @@ class LinearAdapter(KroneckerAdapter):
         columns = per_example.mean(1) if reduce else per_example.reshape(-1, module.in_features)
         return columns.T, per_example.shape[1]
 
+    @staticmethod
+    def runs_in_eigenbasis(module, rows):
+        """Whether x W̃ᵀ costs fewer multiply-adds as ((x̃ Q_A) Zᵀ) Q_Gᵀ, rows·(d_in² + d_out²) per
+        sample, than forming W̃ = Q_G Z Q_Aᵀ, d_out·d_in·(d_in + d_out) (the backward passes scale alike)."""
+        d_out, d_in = module.out_features, module.in_features + (module.bias is not None)
+        return rows * (d_in**2 + d_out**2) < d_out * d_in * (d_in + d_out)
+
     def forward(self, module, x, params, sampled, name):
-        weight, bias = params["weight"], params.get("bias")
         num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
-        if num_samples == 1:
-            out = F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
-        elif shared is not None:  # one matmul with the M weight matrices stacked: (B, M·out)
-            out = F.linear(shared, weight.flatten(0, 1), None if bias is None else bias.flatten())
-            out = out.unflatten(-1, (num_samples, -1)).movedim(-2, 0).reshape(*x.shape[:-1], -1)
+        rows = x.shape[:-1].numel() // num_samples
+        if isinstance(params, EigenbasisBlock) and self.runs_in_eigenbasis(module, rows):
+            rotated = self.eigenbasis_inputs(module, x if shared is None else shared, params.basis_in)
+            out = self.apply_weights(rotated, x.shape[:-1], params.values, None, num_samples, shared is not None)
+            out = out @ params.basis_out.T
         else:
-            xs = x.reshape(num_samples, -1, module.in_features)
-            wt = weight.transpose(1, 2)
-            out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
-            out = out.reshape(*x.shape[:-1], module.out_features)
+            params = self.weight_params(module, params)
+            out = self.apply_weights(x if shared is None else shared, x.shape[:-1], params["weight"],
+                                     params.get("bias"), num_samples, shared is not None)
         if sampled.recorder is not None:
             self.record(module, sampled, name, x, out)
         return out
+
+    @staticmethod
+    def eigenbasis_inputs(module, x, basis_in):
+        """x̃ Q_A for the inputs x̃ = [x, 1]: the homogeneous coordinate adds Q_A's last row."""
+        if module.bias is None:
+            return x @ basis_in
+        return torch.addmm(basis_in[-1], x.flatten(0, -2), basis_in[:-1]).unflatten(0, x.shape[:-1])
+
+    @staticmethod
+    def apply_weights(x, lead, weight, bias, num_samples, shared):
+        """Sample s's weights ``(M, out, in)`` on sample s's rows of ``x`` — or, if ``shared``, all
+        M on the same rows — returned sample-stacked with leading shape ``lead``."""
+        if num_samples == 1:
+            return F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+        if shared:  # one matmul with the M weight matrices stacked: (B, M·out)
+            out = F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
+            return out.unflatten(-1, (num_samples, -1)).movedim(-2, 0).reshape(*lead, -1)
+        xs, wt = x.reshape(num_samples, -1, x.shape[-1]), weight.transpose(1, 2)
+        out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), xs, wt)
+        return out.reshape(*lead, -1)
 
 
 def window_sums(x, dim, kernel, dilation):
@@ -273,6 +323,7 @@ class Conv2dAdapter(KroneckerAdapter):
         return torch.cat([self.conv(module, rows, w, b) for rows, w, b in zip(x.chunk(num_samples), weight, biases)])
 
     def forward(self, module, x, params, sampled, name):
+        params = self.weight_params(module, params)
         weight, bias = params["weight"], params.get("bias")
         num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
         if num_samples == 1:

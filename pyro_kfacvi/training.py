@@ -59,6 +59,8 @@ __all__ = ["CHECKPOINT", "CURVES", "METRICS", "CheckpointError", "EpochProgress"
            "mean_outputs", "scores", "seed_everything"]
 
 CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.json", "curves.png"
+#: 2: the guide's mean and the engine's momentum in the eigenbasis of the curvature (1: in the weights')
+CHECKPOINT_FORMAT = 2
 ECE_BINS = 15
 #: offset of the evaluation RNG stream (evaluation at epoch e uses seed + EVAL_SEED * (e + 1);
 #: the final evaluation uses e = -1, i.e. seed + 0 ... see _eval_seed).
@@ -470,7 +472,7 @@ class Trainer:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
-            "format": 1, "config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
+            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "epoch": self.epoch, "model": self.model.state_dict(),
             "guide": self.guide.state_dict(), "engine": self.engine.state_dict(), "history": self.history,
             "final": self.final, "elapsed": self.elapsed, "rng": rng, "num_train": len(self.train_split),
             "partial_epoch": None if self.partial_epoch is None else dataclasses.asdict(self.partial_epoch),
@@ -490,7 +492,11 @@ class Trainer:
 
     def check_compatible(self, state: dict) -> None:
         """Raise :class:`CheckpointError` unless ``state`` comes from a run of this configuration on
-        a training set of this size."""
+        a training set of this size, written in this version's format."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"the checkpoint has format {state.get('format')}, this version reads format "
+                                  f"{CHECKPOINT_FORMAT} (μ and the momentum in the curvature's eigenbasis): resume it "
+                                  "with the version that wrote it, or start the run again")
         saved, current = state["config"], self.config.to_dict()
         differing = [f"{k}={saved[k]!r} (here {current.get(k)!r})" for k in sorted(saved) if saved[k] != current.get(k)]
         if differing:

@@ -155,7 +155,7 @@ def test_retry_policy_grows_the_damping_and_takes_the_step(monkeypatch):
                                                                       "(2 of 3) with damping 0.1."]
     assert len(calls) == 3 and engine.guide.damping == pytest.approx(0.1) and engine.iteration == 2
     assert engine.state_dict()["damping"] == engine.guide.damping  # checkpoints keep the grown damping
-    moved = [not torch.equal(block.loc, before["guide"][f"blocks.{i}.loc"]) for i, block in enumerate(engine.guide.blocks)]
+    moved = [not torch.equal(block.eigenbasis_loc, before["guide"][f"blocks.{i}.eigenbasis_loc"]) for i, block in enumerate(engine.guide.blocks)]
     assert all(moved) and all(torch.isfinite(block.loc).all() for block in engine.guide.blocks)
     assert torch.isfinite(torch.tensor(loss))
 
@@ -348,6 +348,8 @@ def test_checkpoint_of_a_different_run_or_a_damaged_file_is_rejected(tmp_path, m
     assert_same_state(state_of(other.engine), before)
     with pytest.raises(CheckpointError, match="trained on 192 images, this training set has 160"):
         Trainer(TINY, fake_data(n_train=160), progress=False, log=None).load_state(state)
+    with pytest.raises(CheckpointError, match="has format 1, this version reads format 2"):
+        Trainer(TINY, fake_data(), progress=False, log=None).load_state({**state, "format": 1})  # μ in weight coordinates
 
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[:5000])  # cut off, as by a full disk
