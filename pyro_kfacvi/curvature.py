@@ -13,13 +13,11 @@ G = Q_G diag(e_G) Q_Gᵀ, a block W̃ has eigenbasis coordinates Z = Q_Gᵀ W̃ 
 damped curvature is diagonal: (A ⊗ G + γI)⁻¹ vec(V) = vec(Q_G [(Q_Gᵀ V Q_A) ⊘ (e_G e_Aᵀ + γ)] Q_Aᵀ).
 :class:`DiagonalFactors` keeps a diagonal F̂ (used for BatchNorm's scale and shift).
 
-The damped eigenvalues are memoised until the next refresh or change of γ
-(:mod:`pyro_kfacvi.memo`).
+What derives from the spectra (damped eigenvalues, q's scales, the KL's constant) is memoised by
+the guide until the next refresh or change of γ (:mod:`pyro_kfacvi.memo`).
 """
 import torch
 from torch import nn
-
-from .memo import DerivedValues
 
 
 def ema_(average, new, beta, initialized):
@@ -59,7 +57,6 @@ class KroneckerFactors(nn.Module):
             self.register_buffer(f"eigenvalues_{side}", torch.ones(dim, **options))
             self.register_buffer(f"eigenvectors_{side}", torch.eye(dim, **options))
         self.register_buffer("initialized", torch.tensor(False))
-        self.derived = DerivedValues()
 
     @torch.no_grad()
     def update(self, factors, beta):
@@ -84,13 +81,10 @@ class KroneckerFactors(nn.Module):
     def eigenvalues(self, damping):
         """Eigenvalues of the damped curvature arranged as the block: e_G[i]·e_A[j] + γ (exact),
         or (e_G[i] + √γ/π)(e_A[j] + π√γ) for ``split_damping`` — the factored damping of K-FAC and
-        torchsso, (A + π√γ I) ⊗ (G + √γ/π I), with the trace-norm π = √((tr A/d_A)/(tr G/d_G)).
-        Memoised until the eigenbases are refreshed or γ changes."""
-        def compute():
-            if not self.split_damping:
-                return torch.outer(self.eigenvalues_G, self.eigenvalues_A) + damping
-            return torch.outer(*self.damped_factor_eigenvalues(damping))
-        return self.derived.get("eigenvalues", self.spectrum_buffers(), (damping,), compute)
+        torchsso, (A + π√γ I) ⊗ (G + √γ/π I), with the trace-norm π = √((tr A/d_A)/(tr G/d_G))."""
+        if not self.split_damping:
+            return torch.outer(self.eigenvalues_G, self.eigenvalues_A) + damping
+        return torch.outer(*self.damped_factor_eigenvalues(damping))
 
     def damped_factor_eigenvalues(self, damping):
         """Split damping: the eigenvalues (e_G + √γ/π, e_A + π√γ) of the damped factors."""
@@ -100,6 +94,7 @@ class KroneckerFactors(nn.Module):
         return e_g + root / pi, e_a + root * pi
 
     def spectrum_buffers(self):
+        """The tensors that the damped eigenvalues and the eigenbasis derive from."""
         return (self.eigenvalues_A, self.eigenvalues_G, self.eigenvectors_A, self.eigenvectors_G)
 
     def to_eigenbasis(self, w):
@@ -120,7 +115,6 @@ class DiagonalFactors(nn.Module):
         super().__init__()
         self.register_buffer("diagonal", torch.ones_like(like))  # split damping is exact for a diagonal
         self.register_buffer("initialized", torch.tensor(False))
-        self.derived = DerivedValues()
 
     @torch.no_grad()
     def update(self, factors, beta):
@@ -131,7 +125,10 @@ class DiagonalFactors(nn.Module):
         """The eigenbasis of a diagonal matrix is the identity: nothing to do."""
 
     def eigenvalues(self, damping):
-        return self.derived.get("eigenvalues", (self.diagonal,), (damping,), lambda: self.diagonal + damping)
+        return self.diagonal + damping
+
+    def spectrum_buffers(self):
+        return (self.diagonal,)
 
     def to_eigenbasis(self, w):
         return w

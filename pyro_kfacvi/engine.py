@@ -214,7 +214,7 @@ class KFACVI:
         guide, n = self.guide, self.model.num_data
         if guide.is_point_mass:
             return -guide.log_prior_of_mean() / n
-        return guide.kl_weight * guide.kl_to_prior() / n
+        return guide.kl_to_prior() * (guide.kl_weight / n)
 
     # ----------------------------------------------------------------------------------------
     def statistics(self, x, y, block_samples, with_curvature=True):
@@ -289,8 +289,7 @@ class KFACVI:
 
     def precondition(self, grads):
         """(F̂ + γI)⁻¹ ḡ (eq. 10) for gradients in eigenbasis coordinates: a division by the damped eigenvalues."""
-        damping = self.guide.posterior_damping
-        return torch._foreach_div(grads, [block.curvature.eigenvalues(damping) for block in self.guide.blocks])
+        return torch._foreach_div(grads, self.guide.damped_eigenvalues())
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self):

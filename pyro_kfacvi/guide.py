@@ -31,7 +31,6 @@ class PosteriorBlock(nn.Module):
         factors = KroneckerFactors if adapter.kind == "kronecker" else DiagonalFactors
         self.curvature = factors(loc, split_damping)  # its initial eigenbasis is the identity
         self.register_buffer("eigenbasis_loc", loc)
-        self.derived = DerivedValues()
 
     @property
     def loc(self):
@@ -43,11 +42,6 @@ class PosteriorBlock(nn.Module):
         coordinates too, e.g. a momentum) are re-expressed in them."""
         self.curvature.refresh((self.eigenbasis_loc, *carried))
 
-    def eigenbasis_draws(self, noise, scale):
-        """μ + Σ^½ ε in eigenbasis coordinates, Q_Gᵀ μ Q_A + ε ⊙ S (eq. 12), for standard normal
-        ``noise`` ε of shape ``(M, *block_shape)``."""
-        return torch.addcmul(self.eigenbasis_loc, noise, scale)
-
     def eigenbasis_params(self, values):
         """Draws in eigenbasis coordinates → what the layer's adapter runs with."""
         module, adapter = self._layer
@@ -58,23 +52,6 @@ class PosteriorBlock(nn.Module):
     @property
     def aux_site(self):
         return f"{self.name}.posterior" if self.name else "posterior"
-
-    def distribution(self, rho, damping):
-        """N(μ, ρ²(F̂ + γI)⁻¹) (eq. 12), or a point mass at μ when ρ = 0."""
-        if rho == 0:
-            return dist.Delta(self.loc, event_dim=self.loc.dim())
-        scale, sums = self.scale(rho, damping)
-        return EigenbasisNormal(self.loc, scale, self.curvature, sums)
-
-    def scale(self, rho, damping):
-        """S = ρ/√(eigenvalues of F̂ + γI), q's standard deviations in the eigenbasis (eq. 12), and its
-        sums (Σ log S, Σ S²); kept until the eigenbasis or γ changes."""
-        eigenvalues = self.curvature.eigenvalues(damping)
-
-        def compute():
-            scale = rho * eigenvalues.rsqrt()
-            return scale, scale_sums_of(scale)
-        return self.derived.get("scale", (eigenvalues,), (rho,), compute)
 
     def split(self, value):
         """Block value(s) ``(..., *block_shape)`` → ``{parameter name: (..., *param_shape)}``."""
@@ -167,8 +144,30 @@ class KroneckerGuide(nn.Module):
         return self.damping + self.prior_precision
 
     def distributions(self):
-        """The per-block distributions, in block order."""
-        return [block.distribution(self.rho, self.posterior_damping) for block in self.blocks]
+        """The per-block distributions, in block order: N(μ, ρ²(F̂ + γI)⁻¹) (eq. 12), or point masses at μ when ρ = 0."""
+        if self.is_point_mass:
+            return [dist.Delta(block.loc, event_dim=block.loc.dim()) for block in self.blocks]
+        return [EigenbasisNormal(block.loc, scale, block.curvature, sums)
+                for block, (scale, sums) in zip(self.blocks, self.scales())]
+
+    def derived_from_spectra(self, name, numbers, compute):
+        """``compute()``, kept until the eigenbasis of any block is refreshed or one of ``numbers``
+        changes — one check per call for all blocks (:mod:`pyro_kfacvi.memo`)."""
+        spectra = [t for block in self.blocks for t in block.curvature.spectrum_buffers()]
+        return self.derived.get(name, spectra, numbers, compute)
+
+    def damped_eigenvalues(self):
+        """Per block, the eigenvalues of F̂ + γI arranged like the block (γ = :attr:`posterior_damping`)."""
+        damping = self.posterior_damping
+        return self.derived_from_spectra("eigenvalues", (damping,),
+                                         lambda: [block.curvature.eigenvalues(damping) for block in self.blocks])
+
+    def scales(self):
+        """Per block, S = ρ/√(eigenvalues of F̂ + γI), q's standard deviations in the eigenbasis
+        (eq. 12), with its sums (Σ log S, Σ S²)."""
+        def compute():
+            return [(scale, scale_sums_of(scale)) for scale in (self.rho * e.rsqrt() for e in self.damped_eigenvalues())]
+        return self.derived_from_spectra("scales", (self.rho, self.posterior_damping), compute)
 
     def forward(self, *args, **kwargs):
         samples = {}
@@ -191,15 +190,18 @@ class KroneckerGuide(nn.Module):
     def sample_eigenbasis_blocks(self, num_samples):
         """M draws of every block in its eigenbasis coordinates (see :class:`PosteriorBlock`),
         ``(M, *block_shape)`` each: elementwise, the basis change is left to the layers."""
+        means = [block.eigenbasis_loc for block in self.blocks]
         if self.is_point_mass:
-            return [block.eigenbasis_loc.expand(num_samples, *block.eigenbasis_loc.shape) for block in self.blocks]
-        return self.eigenbasis_draws([torch.randn(num_samples, *block.eigenbasis_loc.shape, dtype=block.eigenbasis_loc.dtype,
-                                                  device=block.eigenbasis_loc.device) for block in self.blocks])
+            return [mean.expand(num_samples, *mean.shape) for mean in means]
+        sizes = [num_samples * mean.numel() for mean in means]
+        noise = torch.randn(sum(sizes), dtype=means[0].dtype, device=means[0].device).split(sizes)
+        return self.eigenbasis_draws([part.view(num_samples, *mean.shape) for part, mean in zip(noise, means)])
 
     def eigenbasis_draws(self, noises):
-        """Draws in eigenbasis coordinates for standard normal ``noises`` ε, one ``(M, *block_shape)`` per block."""
-        return [block.eigenbasis_draws(noise, block.scale(self.rho, self.posterior_damping)[0])
-                for block, noise in zip(self.blocks, noises)]
+        """Q_Gᵀ μ Q_A + ε ⊙ S per block (eq. 12 in eigenbasis coordinates), for standard normal
+        ``noises`` ε, one ``(M, *block_shape)`` per block."""
+        scales = [scale for scale, _ in self.scales()]
+        return torch._foreach_addcmul([block.eigenbasis_loc for block in self.blocks], noises, scales)
 
     def eigenbasis_layer_params(self, block_values):
         """Draws in eigenbasis coordinates → ``{layer name: params}`` for the network (Kronecker
@@ -218,14 +220,15 @@ class KroneckerGuide(nn.Module):
         if self.is_point_mass:
             return torch.tensor(math.inf, device=self.blocks[0].loc.device)
         eta = self.model.prior_variance
-        scales = [block.scale(self.rho, self.posterior_damping) for block in self.blocks]
-        constant = self.derived.get("kl_constant", [s for s, _ in scales], (eta,), lambda: self.kl_constant(scales, eta))
+        constant = self.derived_from_spectra("kl_constant", (self.rho, self.posterior_damping, eta),
+                                             lambda: self.kl_constant(eta))
         squared_norm = torch.stack(torch._foreach_norm([block.eigenbasis_loc for block in self.blocks])).square().sum()
-        return 0.5 * squared_norm / eta + constant
+        return squared_norm * (0.5 / eta) + constant
 
-    def kl_constant(self, scales, eta):
+    def kl_constant(self, eta):
         """The part of the KL that does not depend on μ: ½[tr Σ/η − D + D log η − log|Σ|]."""
-        d = sum(block.loc.numel() for block in self.blocks)
+        d = sum(block.eigenbasis_loc.numel() for block in self.blocks)
+        scales = self.scales()
         trace, log_det = sum(variances for _, (_, variances) in scales), sum(2 * logs for _, (logs, _) in scales)
         return 0.5 * (trace / eta - d + d * math.log(eta) - log_det)
 

@@ -1,8 +1,9 @@
 """Memoisation of values derived from rarely changing tensors.
 
-The damped eigenvalues, the sampler's scales, the Kronecker inverses of split damping and the
-log-determinant of the KL change only when the eigenbasis is refreshed (every ``inverse_every``
-steps) or γ changes, yet every step needs them several times.
+The damped eigenvalues (the preconditioner), the sampler's scales and the log-determinant of the
+KL change only when the eigenbases are refreshed (every ``inverse_every`` steps) or γ changes, yet
+every step needs them; the guide keeps them for all blocks at once (one check per use, not one
+per block).
 """
 import torch
 

@@ -244,9 +244,9 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
         return torch.distributions.kl_divergence(dense, prior)
 
     def check(damping):
-        damped_g, damped_a = curvature.damped_factor_eigenvalues(damping)
-        torch.testing.assert_close(curvature.eigenvalues(damping), torch.outer(damped_g, damped_a))
-        torch.testing.assert_close(block.scale(guide.rho, damping)[0], guide.rho * curvature.eigenvalues(damping).rsqrt())
+        damped = torch.outer(*curvature.damped_factor_eigenvalues(damping))
+        torch.testing.assert_close(guide.damped_eigenvalues()[0], damped)
+        torch.testing.assert_close(guide.scales()[0][0], guide.rho * damped.rsqrt())
         torch.testing.assert_close(guide.kl_to_prior(), reference_kl())
 
     def new_factors():
@@ -255,10 +255,10 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
         block.refresh()
 
     check(0.1)
-    before = curvature.eigenvalues(0.1)
-    assert curvature.eigenvalues(0.1) is before and block.scale(0.3, 0.1)[0] is block.scale(0.3, 0.1)[0]  # memoised
+    before = guide.damped_eigenvalues()[0]
+    assert guide.damped_eigenvalues()[0] is before and guide.scales()[0][0] is guide.scales()[0][0]  # memoised
     new_factors()
-    assert not torch.equal(curvature.eigenvalues(0.1), before)
+    assert not torch.equal(guide.damped_eigenvalues()[0], before)
     check(0.1)
     guide.damping = 0.5
     check(0.5)
@@ -270,14 +270,14 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
     curvature.load_state_dict(saved)
     torch.testing.assert_close(guide.kl_to_prior(), kl)
     guide.float()
-    assert curvature.eigenvalues(0.5).dtype == block.scale(guide.rho, 0.5)[0].dtype == torch.float32
+    assert guide.damped_eigenvalues()[0].dtype == guide.scales()[0][0].dtype == torch.float32
 
 
 def test_memo_is_bypassed_under_inference_mode():
-    curvature = KroneckerGuide(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1).blocks[0].curvature
+    guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1)
     with torch.inference_mode():
-        inside = curvature.eigenvalues(0.1)
-    outside = curvature.eigenvalues(0.1)
+        inside = guide.damped_eigenvalues()[0]
+    outside = guide.damped_eigenvalues()[0]
     assert inside.is_inference() and not outside.is_inference()
 
 
