@@ -218,7 +218,7 @@ class KroneckerGuide(nn.Module):
         until then; ‖μ‖² is one fused reduction over the blocks (in eigenbasis coordinates: the bases
         are orthogonal)."""
         if self.is_point_mass:
-            return torch.tensor(math.inf, device=self.blocks[0].loc.device)
+            return torch.tensor(math.inf, device=self.blocks[0].eigenbasis_loc.device)
         eta = self.model.prior_variance
         constant = self.derived_from_spectra("kl_constant", (self.rho, self.posterior_damping, eta),
                                              lambda: self.kl_constant(eta))

@@ -446,7 +446,8 @@ def find_layers(net):
 def sampled_forward(layers, params, sampled):
     """Within this context, every layer in ``layers`` runs with its M sampled parameters.
 
-    ``params`` maps each layer name to ``{"weight": (M, ...), "bias": (M, ...)}``; ``sampled``
+    ``params`` maps each layer name to ``{"weight": (M, ...), "bias": (M, ...)}`` or, for a
+    ``Linear`` or ``Conv2d`` layer, to an :class:`EigenbasisBlock`; ``sampled``
     is the :class:`SampledPass`.
     """
     try:

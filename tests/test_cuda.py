@@ -26,10 +26,11 @@ def trained(device, draws):
     engine = KFACVI(model, guide, lr=0.05, momentum=0.9, num_particles=3, inverse_every=1)
     x = torch.randn(16, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.arange(16) % 5
-    for step_draws in draws:
-        guide.sample_blocks = lambda num, d=step_draws: [t.to(device) for t in d]
+    for step_draws in draws:  # weights, expressed in this device's eigenbases (defined up to sign)
+        guide.sample_eigenbasis_blocks = lambda num, d=step_draws: [
+            block.curvature.to_eigenbasis(t.to(device)) for block, t in zip(guide.blocks, d)]
         engine.step(x.to(device), y.to(device))
-    guide.__dict__.pop("sample_blocks", None)
+    guide.__dict__.pop("sample_eigenbasis_blocks", None)
     return model, guide
 
 
@@ -39,10 +40,13 @@ def test_steps_on_cuda_match_the_cpu():
     draws = [[b.loc + 0.05 * torch.randn(3, *b.loc.shape, dtype=torch.float64) for b in reference.blocks] for _ in range(4)]
     _, cpu = trained("cpu", draws)
     model, cuda = trained("cuda", draws)
-    # eigenvectors are defined up to sign (and rotation within repeated eigenvalues): compare the rest
+    # eigenvectors are defined up to sign (and rotation within repeated eigenvalues), and so are the
+    # coordinates of μ in them: compare μ itself and the rest
     for (name, a), b in zip(cpu.state_dict().items(), cuda.state_dict().values()):
-        if "eigenvectors" not in name:
+        if "eigenvectors" not in name and "eigenbasis_loc" not in name:
             torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=1e-9, msg=name)
+    for a, b in zip(cpu.blocks, cuda.blocks):
+        torch.testing.assert_close(a.loc, b.loc.cpu(), rtol=1e-6, atol=1e-9, msg=a.name)
     probs = Predictive(model, cuda, 8)(torch.randn(4, 3, 8, 8, dtype=torch.float64, device="cuda"))
     assert probs.device.type == "cuda"
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, dtype=torch.float64, device="cuda"))
