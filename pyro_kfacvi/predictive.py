@@ -36,7 +36,8 @@ class Predictive:
         """Raw network outputs for S posterior samples, shape ``(S, N, ...)``."""
         self.model.check_batch(x)
         num = 1 if self.guide.is_point_mass else self.num_samples
-        draws = self.guide.sample_eigenbasis_blocks(num)
+        draws = self.guide.sample_blocks(num)  # as weights: every data batch reuses them (the engine's
+        # eigenbasis coordinates pay only for a sample that meets one batch; 1.15x the loop instead of 1.32x)
         batch_size, chunk = self.pass_shape(x, num)
         training = self.model.training
         self.model.eval()
@@ -45,7 +46,7 @@ class Predictive:
             for xb in x.split(batch_size):
                 parts = []
                 for start in range(0, num, chunk):
-                    params = self.guide.eigenbasis_layer_params([d[start:start + chunk] for d in draws])
+                    params = self.guide.layer_params([d[start:start + chunk] for d in draws])
                     parts.append(run_sampled(self.model.net, self.model.layers, params, xb, min(chunk, num - start)))
                 rows.append(torch.cat(parts))
         finally:
