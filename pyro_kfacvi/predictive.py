@@ -36,8 +36,7 @@ class Predictive:
         """Raw network outputs for S posterior samples, shape ``(S, N, ...)``."""
         self.model.check_batch(x)
         num = 1 if self.guide.is_point_mass else self.num_samples
-        draws = self.guide.sample_blocks(num)  # as weights: every data batch reuses them (the engine's
-        # eigenbasis coordinates pay only for a sample that meets one batch; 1.15x the loop instead of 1.32x)
+        draws = self.guide.sample_blocks(num)  # as weights, formed once: every data batch reuses them
         batch_size, chunk = self.pass_shape(x, num)
         training = self.model.training
         self.model.eval()
