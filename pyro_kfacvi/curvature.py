@@ -69,7 +69,8 @@ class KroneckerFactors(nn.Module):
     @torch.no_grad()
     def refresh(self, carried=()):
         """Recompute the eigenbases of A and G; the block tensors ``carried`` (coordinates in the
-        old eigenbasis, e.g. the mean and the momentum) are re-expressed in the new one."""
+        old eigenbasis, e.g. the mean and the momentum) are re-expressed in the new one
+        (:meth:`PosteriorBlock.refresh <pyro_kfacvi.guide.PosteriorBlock.refresh>` carries the mean)."""
         weights = [self.from_eigenbasis(z) for z in carried]
         for side in ("A", "G"):
             values, vectors = symmetric_eigh(getattr(self, side))

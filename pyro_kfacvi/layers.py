@@ -19,8 +19,8 @@ coordinate, Kronecker-factored curvature A ⊗ G); ``BatchNorm`` forms the vecto
 The engine hands a Kronecker block to its layer in the eigenbasis of its curvature, as an
 :class:`EigenbasisBlock` Z = Q_Gᵀ W̃ Q_A: the layer turns it into weights W̃ = Q_G Z Q_Aᵀ inside
 the autograd graph, so that the backward pass returns the gradient in the eigenbasis directly —
-or, for a ``Linear`` layer that sees fewer rows per sample than its input width, never forms W̃ at
-all and computes x W̃ᵀ = ((x̃ Q_A) Zᵀ) Q_Gᵀ (:meth:`LinearAdapter.runs_in_eigenbasis`).
+or, for a ``Linear`` layer that sees few rows per sample for its size, never forms W̃ at all and
+computes x W̃ᵀ = ((x̃ Q_A) Zᵀ) Q_Gᵀ (:meth:`LinearAdapter.runs_in_eigenbasis`).
 
 A layer whose weights are shared over T positions per example (a convolution's output
 positions, a ``Linear`` applied to a sequence) has two Kronecker factorisations of the per-datum
