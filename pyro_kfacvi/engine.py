@@ -119,7 +119,7 @@ class KFACVI:
         self.on_nonfinite, self.max_retries, self.damping_growth = on_nonfinite, int(max_retries), float(damping_growth)
         self.parallel = parallel
         self.iteration = 0
-        self.velocities = [torch.zeros_like(block.eigenbasis_loc) for block in guide.blocks]  # in eigenbasis coordinates
+        self.velocities = [torch.zeros_like(block.eigenbasis_loc) for block in guide.blocks]  # eigenbasis coordinates
 
     # ----------------------------------------------------------------------------------------
     def hyperparameters(self, t):
@@ -288,7 +288,8 @@ class KFACVI:
         torch._foreach_add_(means, self.velocities, alpha=-lr)  # (11)
 
     def precondition(self, grads):
-        """(F̂ + γI)⁻¹ ḡ (eq. 10) for gradients in eigenbasis coordinates: a division by the damped eigenvalues."""
+        """(F̂ + γI)⁻¹ ḡ (eq. 10) for gradients in eigenbasis coordinates: a division by the damped
+        eigenvalues."""
         return torch._foreach_div(grads, self.guide.damped_eigenvalues())
 
     # ----------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ class KroneckerGuide(nn.Module):
         return self.damping + self.prior_precision
 
     def distributions(self):
-        """The per-block distributions, in block order: N(μ, ρ²(F̂ + γI)⁻¹) (eq. 12), or point masses at μ when ρ = 0."""
+        """The per-block distributions, in block order: N(μ, ρ²(F̂ + γI)⁻¹) (eq. 12), or point masses
+        at μ when ρ = 0."""
         if self.is_point_mass:
             return [dist.Delta(block.loc, event_dim=block.loc.dim()) for block in self.blocks]
         return [EigenbasisNormal(block.loc, scale, block.curvature, sums)
@@ -166,7 +167,8 @@ class KroneckerGuide(nn.Module):
         """Per block, S = ρ/√(eigenvalues of F̂ + γI), q's standard deviations in the eigenbasis
         (eq. 12), with its sums (Σ log S, Σ S²)."""
         def compute():
-            return [(scale, scale_sums_of(scale)) for scale in (self.rho * e.rsqrt() for e in self.damped_eigenvalues())]
+            scales = [self.rho * eigenvalues.rsqrt() for eigenvalues in self.damped_eigenvalues()]
+            return [(scale, scale_sums_of(scale)) for scale in scales]
         return self.derived_from_spectra("scales", (self.rho, self.posterior_damping), compute)
 
     def forward(self, *args, **kwargs):

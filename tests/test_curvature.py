@@ -169,7 +169,8 @@ def random_eigenbases(guide):
 @pytest.mark.parametrize("linear_in_eigenbasis", [False, True])
 @pytest.mark.parametrize("grouped,kfac_approx", [(None, "expand"), (True, "expand"), (None, "reduce")])
 @pytest.mark.parametrize("net_fn,shape", [(lambda: LeNet5(channels=(4, 6), hidden=(12, 8)), (3, 32, 32)),
-                                          (lambda: SmallCNN(batchnorm=True), (2, 6, 6)), (mlp, (4,))])
+                                          (lambda: SmallCNN(batchnorm=True), (2, 6, 6)), (mlp, (4,)),
+                                          (SequenceMLP, (3, 4))])
 def test_batched_samples_equal_looped_samples(net_fn, shape, grouped, kfac_approx, linear_in_eigenbasis, monkeypatch):
     """Batched over samples (first layer on the shared input, later convolutions per sample or
     grouped, Linear layers in the eigenbasis or with formed weights) = one sample at a time = a
@@ -205,6 +206,37 @@ def test_batched_samples_equal_looped_samples(net_fn, shape, grouped, kfac_appro
         means.append([b.loc.clone() for b in guide.blocks])
     for b, l in zip(*means):
         torch.testing.assert_close(b, l, rtol=1e-5, atol=1e-10)
+
+
+def test_steps_equal_the_dense_natural_gradient_updates_in_weight_space():
+    """Two steps, the first refreshing the eigenbases, the second not: in weight space,
+    v ← (F̂₀ + γI)⁻¹ḡ + λμ + m v and μ ← μ − αv with the dense F̂₀ = A ⊗ G of the first step's
+    factors and ḡ from a functional_call reference at the step's weights — against the engine,
+    which keeps μ, v and ḡ in eigenbasis coordinates and re-expresses them at the refresh."""
+    net = mlp()
+    model = BayesianModel(net, Categorical(), 1.0, 1000)
+    guide = KroneckerGuide(model, rho=0.05, damping=0.1)
+    engine = KFACVI(model, guide, lr=0.1, momentum=0.5, weight_decay=0.01, beta=0.5, inverse_every=2)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    mean = [block.loc.clone() for block in guide.blocks]
+    velocity = [torch.zeros_like(m) for m in mean]
+    preconditioners = None
+    for _ in range(2):
+        weights = [m + 0.05 * torch.randn(1, *m.shape) for m in mean]
+        guide.sample_eigenbasis_blocks = lambda num, w=weights: [
+            block.curvature.to_eigenbasis(d) for block, d in zip(guide.blocks, w)]
+        engine.step(x, y)
+        if preconditioners is None:  # F̂ as of the refresh
+            preconditioners = [torch.linalg.inv(block.curvature.dense() + 0.1 * torch.eye(m.numel()))
+                               for block, m in zip(guide.blocks, mean)]
+        grads = reference_gradients(net, guide, x, y, weights)
+        for i, (p, g, m) in enumerate(zip(preconditioners, grads, mean)):
+            direction = (p @ g.T.reshape(-1)).reshape(m.shape[1], m.shape[0]).T  # column-major vec
+            velocity[i] = direction + 0.01 * m + 0.5 * velocity[i]
+            mean[i] = m - 0.1 * velocity[i]
+    del guide.sample_eigenbasis_blocks
+    for block, m in zip(guide.blocks, mean):
+        torch.testing.assert_close(block.loc, m, rtol=1e-9, atol=1e-12)
 
 
 def test_eigh_falls_back_to_float64_when_float32_returns_nan(monkeypatch):
