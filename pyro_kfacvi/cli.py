@@ -229,7 +229,7 @@ def _train(args, parser) -> int:
 
 
 def cmd_evaluate(args, parser) -> int:
-    from .training import CHECKPOINT, Trainer, _atomic_write, _eval_seed, evaluate
+    from .training import Trainer, _atomic_write, _eval_seed, evaluate
 
     _setup(args)
     trainer = Trainer.from_checkpoint(args.checkpoint, _load_data(args))
