@@ -181,9 +181,10 @@ class KroneckerGuide(nn.Module):
         return samples
 
     def sample_blocks(self, num_samples):
-        """M draws of every block, each of shape ``(M, *block_shape)``."""
-        return [q.rsample((num_samples,)) if not self.is_point_mass else q.v.expand(num_samples, *q.v.shape)
-                for q in self.distributions()]
+        """M draws of every block as weights, each of shape ``(M, *block_shape)``: those of
+        :meth:`sample_eigenbasis_blocks`, with one change of basis each."""
+        return [block.curvature.from_eigenbasis(values)
+                for block, values in zip(self.blocks, self.sample_eigenbasis_blocks(num_samples))]
 
     def layer_params(self, block_samples):
         """Block samples → ``{layer name: {parameter name: (M, *param_shape)}}`` for the network."""

@@ -105,7 +105,7 @@ def test_factors_equal_brute_force_per_example(net_fn, shape, kfac_approx):
     net = net_fn()
     model, guide, engine = setup(net, kfac_approx=kfac_approx)
     x, y = torch.randn(7, *shape), torch.randint(0, 3, (7,))
-    stats = engine.statistics(x, y, guide.sample_blocks(1))
+    stats = engine.statistics(x, y, guide.sample_eigenbasis_blocks(1))
     reference = brute_force_factors(net, x, y, reduce=kfac_approx == "reduce")
     for (a, g), (a_ref, g_ref) in zip(stats.factors, reference, strict=True):
         torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-12)
@@ -117,7 +117,7 @@ def test_single_layer_kronecker_is_the_exact_fisher_block():
     net = nn.Linear(4, 3)
     model, guide, engine = setup(net)
     x, y = torch.randn(1, 4), torch.tensor([2])
-    a, g = engine.statistics(x, y, guide.sample_blocks(1)).factors[0]
+    a, g = engine.statistics(x, y, guide.sample_eigenbasis_blocks(1)).factors[0]
     loss = -torch.log_softmax(net(x), -1)[0, 2]
     gw, gb = torch.autograd.grad(loss, [net.weight, net.bias])
     per_example = torch.cat([gw, gb.unsqueeze(1)], 1).T.reshape(-1)
@@ -131,7 +131,7 @@ def test_mc_fisher_is_unbiased_for_the_true_fisher():
     model, guide, engine = setup(net, fisher="mc")
     x, y = torch.randn(1, 4), torch.tensor([0])
     p = torch.softmax(net(x), -1)[0].detach()
-    draws = torch.stack([engine.statistics(x, y, guide.sample_blocks(1)).factors[0][1] for _ in range(4000)])
+    draws = torch.stack([engine.statistics(x, y, guide.sample_eigenbasis_blocks(1)).factors[0][1] for _ in range(4000)])
     torch.testing.assert_close(draws.mean(0), torch.diag(p) - torch.outer(p, p), atol=0.01, rtol=0)
 
 
