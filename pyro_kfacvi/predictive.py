@@ -15,7 +15,7 @@ class Predictive:
     CPU, with as many samples as possible (up to 64; 8 rows × 50 samples for S = 50): the
     activations stay in cache, and glibc keeps reusing their memory — passes of 128 rows × 8
     samples made it hand freed memory back to the system and fault it in again, 628,000 page
-    faults per 1,000 images, and ran at 0.75× a loop over samples against 1.28–1.32× now
+    faults per 1,000 images, and ran at 0.75× a loop over samples against 1.25–1.32× now
     (``benchmarks/step_cost.py --predictive-pass``; docs/performance.md). On CUDA one pass holds
     8,192 images (1,000 rows). The network runs in eval mode (BatchNorm uses its running
     statistics), its mode is restored afterwards. The same S posterior samples are used for every
