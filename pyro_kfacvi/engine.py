@@ -22,6 +22,11 @@ class Statistics:
     factors: list = None
 
 
+def sum_over_samples(grad):
+    """Σ over the leading sample dimension of ``grad`` (a view when there is one sample)."""
+    return grad[0] if grad.shape[0] == 1 else grad.sum(0)
+
+
 class KFACVI:
     r"""SVI-style natural-gradient variational inference with a :class:`~pyro_kfacvi.KroneckerGuide`.
 
@@ -144,7 +149,8 @@ class KFACVI:
         work; non-finite statistics are handled as ``on_nonfinite`` says."""
         self.model.check_batch(x, y)
         self.model.check_values(x, y)
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         with_curvature = self.iteration % self.curvature_every == 0
         stats, loss = self.finite_statistics(x, y, with_curvature)
         self.apply(stats)
@@ -154,7 +160,9 @@ class KFACVI:
         """The rest of a step, given its finite statistics: eq. (9) when they hold curvature, the
         eigenbases every ``inverse_every`` steps, eqs. (10, 11); advances the iteration."""
         t = self.iteration
-        self.velocities = [v.to(b.eigenbasis_loc.device) for v, b in zip(self.velocities, self.guide.blocks)]
+        device = self.guide.blocks[0].eigenbasis_loc.device
+        if self.velocities[0].device != device:  # the guide was moved after the engine was built
+            self.velocities = [v.to(device) for v in self.velocities]
         if stats.factors is not None:
             for block, factors in zip(self.guide.blocks, stats.factors):
                 block.curvature.update(factors, self.beta)  # (9)
@@ -225,7 +233,7 @@ class KFACVI:
         chunk = self.chunk_size or max(1, 1024 // batch)
         grads, factors, nll = None, None, 0.0
         for start in range(0, num_samples, chunk):
-            part = [s[start:start + chunk] for s in block_samples]
+            part = block_samples if chunk >= num_samples else [s[start:start + chunk] for s in block_samples]
             chunk_nll, chunk_grads, chunk_factors = self._chunk(x, y, part, with_curvature)
             nll = nll + chunk_nll
             grads = chunk_grads if grads is None else torch._foreach_add(grads, chunk_grads)
@@ -249,7 +257,7 @@ class KFACVI:
         likelihood = model.likelihood
         nll = likelihood.nll(out, y)
         if not with_curvature:
-            return nll.detach(), [g.sum(0) for g in torch.autograd.grad(nll, leaves)], None
+            return nll.detach(), [sum_over_samples(g) for g in torch.autograd.grad(nll, leaves)], None
         outputs = [recorder.outputs[block.name] for block in blocks]
         if self.fisher == "empirical":
             grads = torch.autograd.grad(nll, leaves + outputs)
@@ -259,7 +267,7 @@ class KFACVI:
             sampled = likelihood.distribution(out.detach(), validate_args=False).sample()
             output_grads = torch.autograd.grad(likelihood.nll(out, sampled), outputs)
         factors = [self._factors(block, recorder, g) for block, g in zip(blocks, output_grads)]
-        return nll.detach(), [g.sum(0) for g in weight_grads], factors
+        return nll.detach(), [sum_over_samples(g) for g in weight_grads], factors
 
     @staticmethod
     def _factors(block, recorder, output_grad):
@@ -272,25 +280,20 @@ class KFACVI:
 
     @torch.no_grad()
     def update(self, grads, lr, momentum):
-        """Eqs. (10, 11) for every block, in eigenbasis coordinates (the prior and the weight decay
-        are isotropic, so they read the same there)."""
+        """Eqs. (10, 11) for every block, in eigenbasis coordinates, where (F̂ + γI)⁻¹ is a division by
+        the damped eigenvalues (the prior and the weight decay are isotropic, so they read the same
+        there); the momentum buffers are updated in place."""
         guide = self.guide
         coupled = guide.prior_precision + (self.weight_decay if self.weight_decay_mode == "coupled" else 0.0)
         decoupled = {"coupled": 0.0, "decoupled": self.weight_decay, "literal": self.weight_decay / lr}
         means = [block.eigenbasis_loc for block in guide.blocks]
         if coupled:
             grads = torch._foreach_add(grads, means, alpha=coupled)
-        directions = self.precondition(grads)  # (10)
-        if decoupled[self.weight_decay_mode]:
-            torch._foreach_add_(directions, means, alpha=decoupled[self.weight_decay_mode])
         torch._foreach_mul_(self.velocities, momentum)
-        torch._foreach_add_(self.velocities, directions)  # (10)
+        torch._foreach_addcdiv_(self.velocities, grads, guide.damped_eigenvalues())  # (10)
+        if decoupled[self.weight_decay_mode]:
+            torch._foreach_add_(self.velocities, means, alpha=decoupled[self.weight_decay_mode])  # (10)
         torch._foreach_add_(means, self.velocities, alpha=-lr)  # (11)
-
-    def precondition(self, grads):
-        """(F̂ + γI)⁻¹ ḡ (eq. 10) for gradients in eigenbasis coordinates: a division by the damped
-        eigenvalues."""
-        return torch._foreach_div(grads, self.guide.damped_eigenvalues())
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self):
