@@ -55,8 +55,13 @@ class EigenbasisBlock:
     basis_in: torch.Tensor
 
     def weights(self):
-        """W̃ = Q_G Z Q_Aᵀ for every sample, ``(M, d_out, d_in)``."""
+        """W̃ = Q_G Z Q_Aᵀ for every sample, shaped like ``values``."""
         return self.basis_out @ self.values @ self.basis_in.T
+
+    def without_sample_dim(self):
+        """The block of the only sample, Z of shape ``(d_out, d_in)``: products of plain matrices are
+        cheaper than the broadcast batched ones (one sample per step is the common case)."""
+        return EigenbasisBlock(self.values.squeeze(0), self.basis_out, self.basis_in)
 
 
 class Recorder:
@@ -145,9 +150,12 @@ class KroneckerAdapter(Adapter):
         weight, bias = matrix.split([matrix.shape[-1] - 1, 1], -1)
         return {"weight": weight.reshape(*batch, *module.weight.shape), "bias": bias.squeeze(-1)}
 
-    def weight_params(self, module, params):
-        """``params`` as ``{"weight": ..., "bias": ...}``: an :class:`EigenbasisBlock` turned into weights."""
-        return self.split(module, params.weights()) if isinstance(params, EigenbasisBlock) else params
+    def weight_params(self, module, params, num_samples):
+        """``params`` as ``{"weight": ..., "bias": ...}`` (an :class:`EigenbasisBlock` turned into
+        weights), without the sample dimension when there is one sample."""
+        if isinstance(params, EigenbasisBlock):
+            return self.split(module, (params.without_sample_dim() if num_samples == 1 else params).weights())
+        return {name: value.squeeze(0) for name, value in params.items()} if num_samples == 1 else params
 
     @staticmethod
     def homogeneous_outer(columns, has_bias):
@@ -207,10 +215,11 @@ class LinearAdapter(KroneckerAdapter):
         rows = x.shape[:-1].numel() // num_samples
         if isinstance(params, EigenbasisBlock) and self.runs_in_eigenbasis(module, rows):
             rotated = self.eigenbasis_inputs(module, x if shared is None else shared, params.basis_in)
-            out = self.apply_weights(rotated, x.shape[:-1], params.values, None, num_samples, shared is not None)
+            values = params.values.squeeze(0) if num_samples == 1 else params.values
+            out = self.apply_weights(rotated, x.shape[:-1], values, None, num_samples, shared is not None)
             out = out @ params.basis_out.T
         else:
-            params = self.weight_params(module, params)
+            params = self.weight_params(module, params, num_samples)
             out = self.apply_weights(x if shared is None else shared, x.shape[:-1], params["weight"],
                                      params.get("bias"), num_samples, shared is not None)
         if sampled.recorder is not None:
@@ -227,9 +236,10 @@ class LinearAdapter(KroneckerAdapter):
     @staticmethod
     def apply_weights(x, lead, weight, bias, num_samples, shared):
         """Sample s's weights ``(M, out, in)`` on sample s's rows of ``x`` — or, if ``shared``, all
-        M on the same rows — returned sample-stacked with leading shape ``lead``."""
+        M on the same rows — returned sample-stacked with leading shape ``lead``; one sample's
+        weights come without the sample dimension."""
         if num_samples == 1:
-            return F.linear(x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+            return F.linear(x, weight, bias)
         if shared:  # one matmul with the M weight matrices stacked: (B, M·out)
             out = F.linear(x, weight.flatten(0, 1), None if bias is None else bias.flatten())
             return out.unflatten(-1, (num_samples, -1)).movedim(-2, 0).reshape(*lead, -1)
@@ -323,11 +333,11 @@ class Conv2dAdapter(KroneckerAdapter):
         return torch.cat([self.conv(module, rows, w, b) for rows, w, b in zip(x.chunk(num_samples), weight, biases)])
 
     def forward(self, module, x, params, sampled, name):
-        params = self.weight_params(module, params)
-        weight, bias = params["weight"], params.get("bias")
         num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
+        params = self.weight_params(module, params, num_samples)
+        weight, bias = params["weight"], params.get("bias")
         if num_samples == 1:
-            out = self.conv(module, x, weight.squeeze(0), None if bias is None else bias.squeeze(0))
+            out = self.conv(module, x, weight, bias)
         elif shared is not None:  # one convolution with the M filter banks stacked: (B, M·out, H, W)
             out = self.conv(module, shared, weight.flatten(0, 1), None if bias is None else bias.flatten())
             out = out.unflatten(1, (num_samples, -1)).transpose(0, 1).flatten(0, 1)
