@@ -94,9 +94,13 @@ class KroneckerFactors(nn.Module):
         root = damping ** 0.5
         return e_g + root / pi, e_a + root * pi
 
+    SPECTRUM = ("eigenvalues_A", "eigenvalues_G", "eigenvectors_A", "eigenvectors_G")
+
     def spectrum_buffers(self):
-        """The tensors that the damped eigenvalues and the eigenbasis derive from."""
-        return (self.eigenvalues_A, self.eigenvalues_G, self.eigenvectors_A, self.eigenvectors_G)
+        """The tensors that the damped eigenvalues and the eigenbasis derive from (read from the
+        buffer table directly: the guide's memo asks every block for them three times a step)."""
+        buffers = self._buffers
+        return tuple(buffers[name] for name in self.SPECTRUM)
 
     def to_eigenbasis(self, w):
         return self.eigenvectors_G.T @ w @ self.eigenvectors_A
@@ -129,7 +133,7 @@ class DiagonalFactors(nn.Module):
         return self.diagonal + damping
 
     def spectrum_buffers(self):
-        return (self.diagonal,)
+        return (self._buffers["diagonal"],)
 
     def to_eigenbasis(self, w):
         return w

@@ -231,6 +231,8 @@ class LinearAdapter(KroneckerAdapter):
         """x̃ Q_A for the inputs x̃ = [x, 1]: the homogeneous coordinate adds Q_A's last row."""
         if module.bias is None:
             return x @ basis_in
+        if x.dim() == 2:
+            return torch.addmm(basis_in[-1], x, basis_in[:-1])
         return torch.addmm(basis_in[-1], x.flatten(0, -2), basis_in[:-1]).unflatten(0, x.shape[:-1])
 
     @staticmethod
