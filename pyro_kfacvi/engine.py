@@ -146,7 +146,8 @@ class KFACVI:
         before the update (for ρ = 0: the negative log joint per datum).
 
         Bad input (shapes, dtypes, NaN/Inf in ``x``, labels outside the classes) raises before any
-        work; non-finite statistics are handled as ``on_nonfinite`` says."""
+        work; non-finite statistics are handled as ``on_nonfinite`` says. A model in eval mode is put
+        in training mode (submodules that were switched to eval mode on their own stay so)."""
         self.model.check_batch(x, y)
         self.model.check_values(x, y)
         if not self.model.training:
