@@ -15,7 +15,7 @@ repeats:
 And the K-FAC input factor A = Σ ã ãᵀ of a convolution: ``F.unfold`` followed by a transpose
 copy, against im2col as one copy of a strided view (what the adapter does); and K-FAC-reduce's
 mean input patch of the 64 images: the mean of the strided view of all patches, against the
-window sums of the adapter (:func:`pyro_kfacvi.layers.window_sums`).
+two products with 0/1 selection matrices of the adapter (:meth:`pyro_kfacvi.layers.Conv2dAdapter.mean_patches`).
 """
 import argparse
 import statistics
@@ -24,7 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pyro_kfacvi.layers import window_sums
+from torch import nn
+
+from pyro_kfacvi.layers import Conv2dAdapter
 
 BATCH = 64
 LAYERS = {  # name: (C_in, C_out, H = W, kernel, is the network input)
@@ -90,15 +92,16 @@ def input_factor(c_in, size, kernel, num_samples, device):
 
 def mean_patch(c_in, size, kernel, device):
     x = torch.randn(BATCH, c_in, size, size, device=device)
-    positions = (size - kernel + 1) ** 2
 
     def strided_mean():
         return x.unfold(2, kernel, 1).unfold(3, kernel, 1).mean((2, 3))
 
-    def sums():
-        return window_sums(window_sums(x, 2, kernel, 1), 3, kernel, 1) / positions
+    conv, adapter = nn.Conv2d(c_in, 1, kernel).to(device), Conv2dAdapter()
 
-    return {"strided": strided_mean, "sums": sums}
+    def products():
+        return adapter.mean_patches(conv, x)[0]
+
+    return {"strided": strided_mean, "products": products}
 
 
 def main():
@@ -127,10 +130,10 @@ def main():
             ms = median_ms(input_factor(c_in, size, kernel, m, device), device, args.repeats)
             print(f"{'':<30}{name:<16} {m:3d} {ms['unfold']:8.1f} {ms['strided']:8.1f} "
                   f"{ms['strided'] / ms['unfold']:15.2f}")
-    print(f"\nmean patch (64 images, reduce): {'layer':<16} {'strided mean':>12} {'window sums':>12} {'sums/strided':>13}")
+    print(f"\nmean patch (64 images, reduce): {'layer':<16} {'strided mean':>12} {'products':>12} {'products/strided':>17}")
     for name, (c_in, _, size, kernel, _) in LAYERS.items():
         ms = median_ms(mean_patch(c_in, size, kernel, device), device, 10 * args.repeats)
-        print(f"{'':<32}{name:<16} {ms['strided']:12.3f} {ms['sums']:12.3f} {ms['sums'] / ms['strided']:13.2f}")
+        print(f"{'':<32}{name:<16} {ms['strided']:12.3f} {ms['products']:12.3f} {ms['products'] / ms['strided']:17.2f}")
 
 
 if __name__ == "__main__":

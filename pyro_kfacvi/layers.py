@@ -35,6 +35,7 @@ Network Architectures"), chosen by the :class:`Recorder`'s ``kfac_approx``:
 Both coincide for T = 1 (a ``Linear`` on ``(B, d_in)``).
 """
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -250,18 +251,16 @@ class LinearAdapter(KroneckerAdapter):
         return out.reshape(*lead, -1)
 
 
-def window_sums(x, dim, kernel, dilation):
-    """For each of the ``kernel`` offsets o = i·dilation of a stride-1 window along ``dim`` (length
-    n), the sum of the T = n − dilation·(kernel − 1) entries it covers, x[o] … x[o + T − 1]: the
-    total minus the entries before o and from o + T on (prefix sums of the two edges), so the
-    input is read once rather than once per offset. The offsets replace ``dim`` in the result."""
-    edge, n = dilation * (kernel - 1), x.shape[dim]
-    total = x.sum(dim, keepdim=True)
-    zero = torch.zeros_like(total)
-    before = torch.cat([zero, x.narrow(dim, 0, edge).cumsum(dim)], dim)  # Σ x[r < o], o = 0 … edge
-    after = torch.cat([x.narrow(dim, n - edge, edge).flip(dim).cumsum(dim).flip(dim), zero], dim)  # Σ x[r ≥ o + T]
-    offsets = torch.arange(0, edge + 1, dilation, device=x.device)
-    return (total - before - after).index_select(dim, offsets)
+@functools.lru_cache(maxsize=64)
+def window_selection(n, kernel, dilation, stride, padding, device, dtype):
+    """Along one input dimension of length n (zero-padded by ``padding``), the ``(kernel, n)`` 0/1
+    matrix S whose row i marks the entries that kernel offset i covers over all T output positions
+    — entry r where r + padding − i·dilation = t·stride for some 0 ≤ t < T — and T. Summing the
+    input over the positions of every offset is then a product with S (kept: a layer meets the same
+    shapes every step)."""
+    positions = (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    shift = torch.arange(n, device=device) + padding - dilation * torch.arange(kernel, device=device)[:, None]
+    return ((shift >= 0) & (shift % stride == 0) & (shift < positions * stride)).to(dtype), positions
 
 
 class Conv2dAdapter(KroneckerAdapter):
@@ -309,20 +308,16 @@ class Conv2dAdapter(KroneckerAdapter):
         return windows.permute(1, 4, 5, 0, 2, 3).reshape(channels, -1), windows.shape[2] * windows.shape[3]
 
     def mean_patches(self, module, x):
-        """The mean input patch ā = (1/T) Σ_t a_t of every example, shape ``(B, C, kh, kw)``, and T.
-        With stride 1 the windows at one kernel offset cover a contiguous block of the padded
-        input, so their sums come from :func:`window_sums` over the rows, then the columns (one
-        pass over the input; 3–5× faster than the mean of the strided view for LeNet5's and a
-        ResNet18 convolution, ``benchmarks/conv_strategies.py``); other strides take the mean of
-        :meth:`input_windows`."""
-        if tuple(module.stride) != (1, 1):
-            windows = self.input_windows(module, x)
-            return windows.mean((2, 3)), windows.shape[2] * windows.shape[3]
-        (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+        """The mean input patch ā = (1/T) Σ_t a_t of every example, shape ``(B, C, kh, kw)``, and T:
+        ā = S_h x S_wᵀ / T with the selection matrices of :func:`window_selection` for the rows and
+        the columns — two matrix products over the input for any stride, dilation and padding
+        (faster than the mean of :meth:`input_windows`, ``benchmarks/conv_strategies.py``)."""
+        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
         ph, pw = self.numeric_padding(module)
-        padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-        positions = (padded.shape[2] - dh * (kh - 1)) * (padded.shape[3] - dw * (kw - 1))
-        return window_sums(window_sums(padded, 2, kh, dh), 3, kw, dw) / positions, positions
+        rows, row_positions = window_selection(x.shape[2], kh, dh, sh, ph, x.device, x.dtype)
+        columns, column_positions = window_selection(x.shape[3], kw, dw, sw, pw, x.device, x.dtype)
+        positions = row_positions * column_positions
+        return rows @ (x @ columns.T) / positions, positions
 
     def sampled_conv(self, module, x, weight, bias, num_samples):
         """Sample s's weights on sample s's rows: one grouped convolution on CUDA; on CPU, where
