@@ -257,10 +257,11 @@ def window_selection(n, kernel, dilation, stride, padding, device, dtype):
     matrix S whose row i marks the entries that kernel offset i covers over all T output positions
     — entry r where r + padding − i·dilation = t·stride for some 0 ≤ t < T — and T. Summing the
     input over the positions of every offset is then a product with S (kept: a layer meets the same
-    shapes every step)."""
+    shapes every step; made outside inference mode, so that a cached S can enter autograd)."""
     positions = (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    shift = torch.arange(n, device=device) + padding - dilation * torch.arange(kernel, device=device)[:, None]
-    return ((shift >= 0) & (shift % stride == 0) & (shift < positions * stride)).to(dtype), positions
+    with torch.inference_mode(False):
+        shift = torch.arange(n, device=device) + padding - dilation * torch.arange(kernel, device=device)[:, None]
+        return ((shift >= 0) & (shift % stride == 0) & (shift < positions * stride)).to(dtype), positions
 
 
 class Conv2dAdapter(KroneckerAdapter):

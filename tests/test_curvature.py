@@ -313,6 +313,24 @@ def test_memo_is_bypassed_under_inference_mode():
     assert inside.is_inference() and not outside.is_inference()
 
 
+@pytest.mark.parametrize("conv", [dict(), dict(stride=2, padding=1), dict(stride=(2, 3), dilation=(1, 2), padding=(2, 0))])
+def test_mean_patch_equals_the_mean_of_all_patches_also_after_inference_mode(conv):
+    """K-FAC-reduce's mean patch (selection-matrix products, cached per shape) against the mean of
+    the unfolded patches; the cache filled under inference mode must not leak inference tensors."""
+    module, adapter = nn.Conv2d(2, 3, 3, **conv).double(), Conv2dAdapter()
+    x = torch.randn(4, 2, 9, 11, dtype=torch.float64)
+    patches = F.unfold(x, 3, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    reference = patches.mean(-1).reshape(4, 2, 3, 3)
+    with torch.inference_mode():
+        adapter.mean_patches(module, x.clone())
+    leaf = x.clone().requires_grad_()
+    mean, positions = adapter.mean_patches(module, leaf)
+    torch.testing.assert_close(mean, reference)
+    assert positions == patches.shape[-1]
+    mean.sum().backward()  # fails if a cached selection matrix is an inference tensor
+    assert leaf.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("likelihood, y", [
     (Categorical(), torch.tensor([0, 2, 1, 2])),
     (Gaussian(0.7), torch.randn(4, 3)),
