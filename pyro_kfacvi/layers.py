@@ -60,8 +60,7 @@ class EigenbasisBlock:
         return self.basis_out @ self.values @ self.basis_in.T
 
     def without_sample_dim(self):
-        """The block of the only sample, Z of shape ``(d_out, d_in)``: products of plain matrices are
-        cheaper than the broadcast batched ones (one sample per step is the common case)."""
+        """The block of the only sample, Z of shape ``(d_out, d_in)``."""
         return EigenbasisBlock(self.values.squeeze(0), self.basis_out, self.basis_in)
 
 
@@ -151,12 +150,19 @@ class KroneckerAdapter(Adapter):
         weight, bias = matrix.split([matrix.shape[-1] - 1, 1], -1)
         return {"weight": weight.reshape(*batch, *module.weight.shape), "bias": bias.squeeze(-1)}
 
-    def weight_params(self, module, params, num_samples):
-        """``params`` as ``{"weight": ..., "bias": ...}`` (an :class:`EigenbasisBlock` turned into
-        weights), without the sample dimension when there is one sample."""
+    @staticmethod
+    def without_sample_dim(params, num_samples):
+        """One sample's ``params`` without their sample dimension (M samples' as they are): products
+        of plain matrices and layer calls are cheaper than broadcast batched ones."""
+        if num_samples != 1:
+            return params
         if isinstance(params, EigenbasisBlock):
-            return self.split(module, (params.without_sample_dim() if num_samples == 1 else params).weights())
-        return {name: value.squeeze(0) for name, value in params.items()} if num_samples == 1 else params
+            return params.without_sample_dim()
+        return {name: value.squeeze(0) for name, value in params.items()}
+
+    def weight_params(self, module, params):
+        """``params`` as ``{"weight": ..., "bias": ...}``: an :class:`EigenbasisBlock` turned into weights."""
+        return self.split(module, params.weights()) if isinstance(params, EigenbasisBlock) else params
 
     @staticmethod
     def homogeneous_outer(columns, has_bias):
@@ -213,14 +219,13 @@ class LinearAdapter(KroneckerAdapter):
 
     def forward(self, module, x, params, sampled, name):
         num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
-        rows = x.shape[:-1].numel() // num_samples
+        params, rows = self.without_sample_dim(params, num_samples), x.shape[:-1].numel() // num_samples
         if isinstance(params, EigenbasisBlock) and self.runs_in_eigenbasis(module, rows):
             rotated = self.eigenbasis_inputs(module, x if shared is None else shared, params.basis_in)
-            values = params.values.squeeze(0) if num_samples == 1 else params.values
-            out = self.apply_weights(rotated, x.shape[:-1], values, None, num_samples, shared is not None)
+            out = self.apply_weights(rotated, x.shape[:-1], params.values, None, num_samples, shared is not None)
             out = out @ params.basis_out.T
         else:
-            params = self.weight_params(module, params, num_samples)
+            params = self.weight_params(module, params)
             out = self.apply_weights(x if shared is None else shared, x.shape[:-1], params["weight"],
                                      params.get("bias"), num_samples, shared is not None)
         if sampled.recorder is not None:
@@ -332,7 +337,7 @@ class Conv2dAdapter(KroneckerAdapter):
 
     def forward(self, module, x, params, sampled, name):
         num_samples, shared = sampled.num_samples, sampled.distinct_rows(x)
-        params = self.weight_params(module, params, num_samples)
+        params = self.weight_params(module, self.without_sample_dim(params, num_samples))
         weight, bias = params["weight"], params.get("bias")
         if num_samples == 1:
             out = self.conv(module, x, weight, bias)
