@@ -22,6 +22,11 @@ class Statistics:
     factors: list = None
 
 
+def flatten(factors):
+    """The tensors of per-block factor tuples, as one list."""
+    return [f for fs in factors for f in fs]
+
+
 def sum_over_samples(grad):
     """Σ over the leading sample dimension of ``grad`` (a view when there is one sample)."""
     return grad[0] if grad.shape[0] == 1 else grad.sum(0)
@@ -202,7 +207,7 @@ class KFACVI:
     @staticmethod
     def check_finite(t, loss, stats):
         """Reject a step whose loss, gradients or curvature are not finite, before any state changes."""
-        tensors = [loss, *stats.grads, *(f for fs in stats.factors or [] for f in fs)]
+        tensors = [loss, *stats.grads, *flatten(stats.factors or [])]
         if not bool(torch.isfinite(extremes(tensors)).all()):
             raise FloatingPointError(
                 f"non-finite loss, gradient or curvature at iteration {t} (loss {loss.item():.4g}); the guide "
@@ -237,15 +242,16 @@ class KFACVI:
             part = block_samples if chunk >= num_samples else [s[start:start + chunk] for s in block_samples]
             chunk_nll, chunk_grads, chunk_factors = self._chunk(x, y, part, with_curvature)
             nll = nll + chunk_nll
-            grads = chunk_grads if grads is None else torch._foreach_add(grads, chunk_grads)
-            factors = chunk_factors if factors is None else [
-                tuple(a + b for a, b in zip(f, c)) for f, c in zip(factors, chunk_factors)]
+            if grads is None:  # the first chunk's sums are fresh tensors: the rest accumulate into them
+                grads, factors = chunk_grads, chunk_factors
+            else:
+                torch._foreach_add_(grads, chunk_grads)
+                if with_curvature:
+                    torch._foreach_add_(flatten(factors), flatten(chunk_factors))
         count = num_samples * batch
         if self.parallel is not None:  # sums over all ranks' samples and shards, then the global means
             nll, grads, factors, count = self.parallel.sum_statistics(nll, grads, factors, count)
-        grads = torch._foreach_div(grads, count)
-        if with_curvature:
-            factors = [tuple(f / count for f in fs) for fs in factors]
+        torch._foreach_div_([*grads, *(flatten(factors) if with_curvature else [])], count)
         return Statistics(nll / count, grads, factors)
 
     def _chunk(self, x, y, block_samples, with_curvature):
@@ -257,27 +263,16 @@ class KFACVI:
         out = run_sampled(model.net, model.layers, params, x, leaves[0].shape[0], recorder)
         likelihood = model.likelihood
         nll = likelihood.nll(out, y)
-        if not with_curvature:
-            return nll.detach(), [sum_over_samples(g) for g in torch.autograd.grad(nll, leaves)], None
-        outputs = [recorder.outputs[block.name] for block in blocks]
-        if self.fisher == "empirical":
-            grads = torch.autograd.grad(nll, leaves + outputs)
-            weight_grads, output_grads = grads[: len(leaves)], grads[len(leaves):]
-        else:
+        if with_curvature and self.fisher == "mc":  # G from a second backward pass, with labels drawn from the model
+            recorder.capturing = False
             weight_grads = torch.autograd.grad(nll, leaves, retain_graph=True)
+            recorder.capturing = True
             sampled = likelihood.distribution(out.detach(), validate_args=False).sample()
-            output_grads = torch.autograd.grad(likelihood.nll(out, sampled), outputs)
-        factors = [self._factors(block, recorder, g) for block, g in zip(blocks, output_grads)]
+            torch.autograd.grad(likelihood.nll(out, sampled), leaves)
+        else:  # under the empirical Fisher the recorder's hooks take G from this backward pass
+            weight_grads = torch.autograd.grad(nll, leaves)
+        factors = [recorder.factors(block.name) for block in blocks] if with_curvature else None
         return nll.detach(), [sum_over_samples(g) for g in weight_grads], factors
-
-    @staticmethod
-    def _factors(block, recorder, output_grad):
-        """Per-block sums of eq. (8): (Σ ã ãᵀ, Σ g gᵀ) for Kronecker blocks, Σ (per-example grad)² for diagonal ones."""
-        _, adapter = block._layer
-        if adapter.kind == "kronecker":
-            return recorder.input_sums[block.name], adapter.output_outer(output_grad, recorder.reduce)
-        per_example = adapter.per_example_gradients(recorder.normalized[block.name], output_grad)
-        return (per_example.pow(2).sum(0),)
 
     @torch.no_grad()
     def update(self, grads, lr, momentum):

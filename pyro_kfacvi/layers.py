@@ -65,23 +65,39 @@ class EigenbasisBlock:
 
 
 class Recorder:
-    """Collects, during one sampled forward pass, what the curvature back-end needs:
-    per layer the sum of input outer products (the A side, computed on the fly) and the output
-    tensors whose gradients give the G side; K-FAC-reduce factors for weight-shared layers if
-    ``reduce``, else K-FAC-expand."""
+    """Collects the per-block sums of eq. (8) over one sampled forward pass and the backward pass
+    that follows: the input side (A, Σ ã ãᵀ) as the forward pass meets each layer, the output side
+    (G, Σ g gᵀ, or a diagonal block's Σ of per-example squared gradients) from the gradient w.r.t.
+    the layer output, by a hook during the backward pass — the gradient is then freed as in any
+    backward pass instead of being returned and held for all layers at once. Hooks record only
+    while :attr:`capturing` (a backward pass for other gradients, e.g. the weights' under the MC
+    Fisher, sets it to ``False``). K-FAC-reduce factors for weight-shared layers if ``reduce``, else
+    K-FAC-expand."""
 
     def __init__(self, reduce=False):
-        self.reduce = reduce
-        self.input_sums = {}
-        self.outputs = {}
-        self.normalized = {}
+        self.reduce, self.capturing = reduce, True
+        self.input_sums, self.output_sums = {}, {}
 
-    def record(self, name, output, input_sum=None, normalized=None):
-        self.outputs[name] = output
+    def record(self, name, output, output_sum, input_sum=None):
+        """Record block ``name``'s input sum, if any, and ``output_sum``, which maps the gradient w.r.t.
+        the layer ``output`` (a fresh tensor or a reshaped view of one) to the block's output-side sum:
+        the gradient w.r.t. ``output`` as the layer returned it, even if a later operation modifies it
+        in place (e.g. ``ReLU(inplace=True)``)."""
         if input_sum is not None:
             self.input_sums[name] = input_sum
-        if normalized is not None:
-            self.normalized[name] = normalized
+        # the hook goes on the tensor the layer computed: a reshaped view of it (BatchNorm's output, a
+        # batched product's) would lose the hook if a later in-place operation rewrote the view
+        computed = output if output._base is None else output._base
+        computed.register_hook(functools.partial(self._capture, name, output_sum, output.shape))
+
+    def _capture(self, name, output_sum, shape, grad):
+        if self.capturing:
+            self.output_sums[name] = output_sum(grad.reshape(shape))
+
+    def factors(self, name):
+        """The sums of eq. (8) of block ``name``: ``(Σ ã ãᵀ, Σ g gᵀ)`` or ``(Σ per-example gradient²,)``."""
+        output_sum = self.output_sums[name]
+        return (self.input_sums[name], output_sum) if name in self.input_sums else (output_sum,)
 
 
 class SampledPass:
@@ -114,6 +130,11 @@ class Adapter:
     @staticmethod
     def check(name, module):
         """Raise ``ValueError`` for a configuration of the module that the adapter cannot run."""
+
+
+def homogeneous_columns(rows, homogeneous):
+    """Rows ``(n, d)`` as columns ``(d, n)``, with a last row of ones (ã = [a, 1]) if ``homogeneous``."""
+    return (F.pad(rows, (0, 1), value=1.0) if homogeneous else rows).T
 
 
 class KroneckerAdapter(Adapter):
@@ -164,24 +185,16 @@ class KroneckerAdapter(Adapter):
         """``params`` as ``{"weight": ..., "bias": ...}``: an :class:`EigenbasisBlock` turned into weights."""
         return self.split(module, params.weights()) if isinstance(params, EigenbasisBlock) else params
 
-    @staticmethod
-    def homogeneous_outer(columns, has_bias):
-        """Σ ã ãᵀ over the columns of ``columns`` (d, n), with ã = [a, 1] when the layer has a bias."""
-        outer = columns @ columns.T
-        if not has_bias:
-            return outer
-        total = columns.sum(1, keepdim=True)
-        count = columns.new_full((1, 1), columns.shape[1])
-        return torch.cat([torch.cat([outer, total], 1), torch.cat([total.T, count], 1)], 0)
-
     def record(self, module, sampled, name, x, out):
-        """Record ``out`` and Σ_n of the input factor A (eq. 8) for the layer input ``x``; the
+        """Record ``out`` and Σ_n of the input factor A (eq. 8) for the layer input ``x``: one product
+        of the homogeneous input columns ã = [a, 1] (one allocation of A's size, scaled in place); the
         rows of the first layer are shared by the M samples and counted M times."""
         rows, repeats = sampled.input_statistics(x)
         reduce = sampled.recorder.reduce
-        columns, positions = self.input_columns(module, rows, reduce)
-        outer = self.homogeneous_outer(columns, module.bias is not None)
-        sampled.recorder.record(name, out, input_sum=outer * (repeats if reduce else repeats / positions))
+        columns, positions = self.input_columns(module, rows, reduce, homogeneous=module.bias is not None)
+        outer, scale = columns @ columns.T, repeats if reduce else repeats / positions
+        sampled.recorder.record(name, out, functools.partial(self.output_outer, reduce=reduce),
+                                input_sum=outer if scale == 1 else outer.mul_(scale))
 
     @staticmethod
     def output_outer(grad, reduce=False):
@@ -203,12 +216,13 @@ class LinearAdapter(KroneckerAdapter):
         return g.T @ g
 
     @staticmethod
-    def input_columns(module, x, reduce=False):
+    def input_columns(module, x, reduce=False, homogeneous=False):
         """The inputs a_t of every example and position as columns ``(d_in, B·T)``, or their means
-        over the positions, ``(d_in, B)``, if ``reduce``; and T."""
+        over the positions, ``(d_in, B)``, if ``reduce``; with a last row of ones (ã = [a, 1]) if
+        ``homogeneous``; and T."""
         per_example = x.reshape(x.shape[0], -1, module.in_features)
-        columns = per_example.mean(1) if reduce else per_example.reshape(-1, module.in_features)
-        return columns.T, per_example.shape[1]
+        rows = per_example.mean(1) if reduce else per_example.reshape(-1, module.in_features)
+        return homogeneous_columns(rows, homogeneous), per_example.shape[1]
 
     @staticmethod
     def runs_in_eigenbasis(module, rows):
@@ -301,17 +315,20 @@ class Conv2dAdapter(KroneckerAdapter):
         windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
         return windows[..., ::dh, ::dw]
 
-    def input_columns(self, module, x, reduce=False):
+    def input_columns(self, module, x, reduce=False, homogeneous=False):
         """The input patches a_t of every example and output position t as columns, shape
         ``(C·kh·kw, B·T)`` (im2col through :meth:`input_windows` and a single copy), or their
-        means over the positions, ``(C·kh·kw, B)``, if ``reduce`` (:meth:`mean_patches`); and T.
-        Rows are ordered like ``weight.reshape(out, -1)``."""
+        means over the positions, ``(C·kh·kw, B)``, if ``reduce`` (:meth:`mean_patches`); with a last
+        row of ones (ã = [a, 1]) if ``homogeneous``; and T. Rows are ordered like ``weight.reshape(out, -1)``."""
         if reduce:
             means, positions = self.mean_patches(module, x)
-            return means.reshape(x.shape[0], -1).T, positions
-        windows = self.input_windows(module, x)
-        channels = windows.shape[1] * windows.shape[4] * windows.shape[5]
-        return windows.permute(1, 4, 5, 0, 2, 3).reshape(channels, -1), windows.shape[2] * windows.shape[3]
+            return homogeneous_columns(means.reshape(x.shape[0], -1), homogeneous), positions
+        patches = self.input_windows(module, x).permute(1, 4, 5, 0, 2, 3)  # (C, kh, kw, B, H', W')
+        channels, count = patches.shape[:3].numel(), patches.shape[3:].numel()
+        columns = x.new_empty(channels + homogeneous, count)
+        columns[:channels].view(patches.shape).copy_(patches)
+        columns[channels:] = 1
+        return columns, patches.shape[4] * patches.shape[5]
 
     def mean_patches(self, module, x):
         """The mean input patch ā = (1/T) Σ_t a_t of every example, shape ``(B, C, kh, kw)``, and T:
@@ -404,7 +421,8 @@ class BatchNormAdapter(Adapter):
             out = normalized * params["weight"][:, None, :, None] + params["bias"][:, None, :, None]
         out = out.reshape(x.shape)
         if recorder is not None and module.affine:
-            recorder.record(name, out, normalized=normalized.detach().reshape(x.shape))
+            normalized = normalized.detach().reshape(x.shape)
+            recorder.record(name, out, lambda grad: self.per_example_gradients(normalized, grad).pow(2).sum(0))
         return out
 
     @staticmethod

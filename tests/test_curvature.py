@@ -112,6 +112,29 @@ def test_factors_equal_brute_force_per_example(net_fn, shape, kfac_approx):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_factors_use_the_layer_output_gradient_before_in_place_activations(fisher, num_samples):
+    """G (and BatchNorm's diagonal) come from the gradient w.r.t. each layer's output as the layer
+    returned it: an in-place activation after the layer (``ReLU(inplace=True)``, as in
+    torchvision's ResNets) leaves the factors of the same network without it unchanged (the
+    gradient w.r.t. the modified tensor is the one after the activation); with M > 1 the outputs of
+    the second Linear and of BatchNorm are reshaped views of what the layer computed."""
+    def net(inplace):
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(inplace=inplace), nn.Flatten(),
+                             nn.Linear(48, 5), nn.ReLU(inplace=inplace), nn.Linear(5, 3))
+    x, y = torch.randn(7, 2, 6, 6), torch.randint(0, 3, (7,))
+    factors = []
+    for inplace in (False, True):
+        model, guide, engine = setup(net(inplace), fisher=fisher, rho=0.1)
+        torch.manual_seed(2)  # the same samples, and labels for the MC Fisher
+        factors.append(engine.statistics(x, y, guide.sample_eigenbasis_blocks(num_samples)).factors)
+    for block, reference in zip(*factors, strict=True):
+        for f, f_ref in zip(block, reference, strict=True):
+            torch.testing.assert_close(f, f_ref, rtol=0, atol=0)
+
+
 def test_single_layer_kronecker_is_the_exact_fisher_block():
     """For one example and one layer, A ⊗ G = vec(∇W̃) vec(∇W̃)ᵀ exactly."""
     net = nn.Linear(4, 3)
