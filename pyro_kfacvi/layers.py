@@ -212,7 +212,8 @@ class LinearAdapter(KroneckerAdapter):
     def output_outer(grad, reduce=False):
         """Σ over examples of Σ_t g_t g_tᵀ, or of ĝ ĝᵀ with ĝ = Σ_t g_t if ``reduce``; ``grad`` of
         shape ``(n, *positions, d_out)``."""
-        g = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1) if reduce else grad.reshape(-1, grad.shape[-1])
+        per_example = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        g = per_example.sum(1) if reduce and per_example.shape[1] > 1 else grad.reshape(-1, grad.shape[-1])
         return g.T @ g
 
     @staticmethod
@@ -221,8 +222,9 @@ class LinearAdapter(KroneckerAdapter):
         over the positions, ``(d_in, B)``, if ``reduce``; with a last row of ones (ã = [a, 1]) if
         ``homogeneous``; and T."""
         per_example = x.reshape(x.shape[0], -1, module.in_features)
-        rows = per_example.mean(1) if reduce else per_example.reshape(-1, module.in_features)
-        return homogeneous_columns(rows, homogeneous), per_example.shape[1]
+        positions = per_example.shape[1]  # with one, expand and reduce coincide
+        rows = per_example.mean(1) if reduce and positions > 1 else per_example.reshape(-1, module.in_features)
+        return homogeneous_columns(rows, homogeneous), positions
 
     @staticmethod
     def runs_in_eigenbasis(module, rows):
