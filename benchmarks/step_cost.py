@@ -19,7 +19,10 @@ Candidates (each owns its own freshly initialised network, model and guide, same
   ``kfac_approx`` (``--kfac-approx``, default ``"expand"``, the paper's) and the default ``chunk_size`` — the M samples run batched through the network. With K > 1 one
   timed call is K consecutive steps (exactly one of which refreshes the curvature) and its time
   is divided by K: the median is then the *amortised* cost per step, not the cost of the cheap
-  steps alone;
+  steps alone. Every other candidate is then timed in calls of K steps too (as in
+  ``compare_revisions.py``): interference makes step times right-skewed, so the median of single
+  steps sits below the median of K-step averages of the same steps, and a ratio of the two would
+  favour the candidate timed step by step;
 * ``sequential{M}``: the same engine doing the same step with the M samples drawn and pushed
   through the network *one at a time*, torchsso-style: M calls of
   ``engine.statistics(x, y, guide.sample_eigenbasis_blocks(1), with_curvature)`` whose NLL, gradients and
@@ -206,7 +209,7 @@ def sgd_step_fn(device, x, y, micro_batches=1):
 
 def kfacvi_step_fn(device, x, y, num_samples, settings):
     engine = kfacvi_engine(device, num_samples, settings)
-    return lambda: [engine.step(x, y) for _ in range(settings.curvature_every)]
+    return lambda: engine.step(x, y)
 
 
 def add_statistics(total, part):
@@ -241,7 +244,7 @@ def sequential_step(engine, x, y, num_samples):
 
 def sequential_step_fn(device, x, y, num_samples, settings):
     engine = kfacvi_engine(device, num_samples, settings)
-    return lambda: [sequential_step(engine, x, y, num_samples) for _ in range(settings.curvature_every)]
+    return lambda: sequential_step(engine, x, y, num_samples)
 
 
 def pyro_svi_step_fn(device, x, y, num_samples):
@@ -253,12 +256,14 @@ def pyro_svi_step_fn(device, x, y, num_samples):
     return lambda: svi.step(x, y)
 
 
-def steps_per_call(kind, curvature_every):
-    """Engine steps done by one call of a candidate's step function."""
-    return curvature_every if kind in ("kfacvi", "sequential") else 1
-
-
 def make_step_fn(kind, num_samples, device, x, y, settings=EngineSettings()):
+    """One call of a candidate: ``settings.curvature_every`` consecutive steps, whatever the candidate
+    (:func:`single_step_fn`), so that every median is one of averages over the same number of steps."""
+    step, steps = single_step_fn(kind, num_samples, device, x, y, settings), settings.curvature_every
+    return step if steps == 1 else lambda: [step() for _ in range(steps)]
+
+
+def single_step_fn(kind, num_samples, device, x, y, settings):
     if kind == "sgd":
         return sgd_step_fn(device, x, y)
     baselines = {"pyro_svi": pyro_svi_step_fn, "floor": floor_step_fn, "accumulated": accumulated_step_fn}
@@ -457,7 +462,7 @@ def print_report(candidates, step_ms, ratios, rows, memory, predictive):
     print(f"  {'candidate':<14} {'median':>9} {'mean':>9} {'steps':>6} {'peak MB':>9}")
     for c in candidates:
         print(f"  {c.name:<14} {step_ms[c.name]:9.1f} {1000 * statistics.fmean(c.times):9.1f} "
-              f"{len(c.times):6d} {fmt(memory.get(c.name), '9.1f')}")
+              f"{len(c.times) * c.steps_per_call:6d} {fmt(memory.get(c.name), '9.1f')}")
     print(f"\nKFAC-VI(1) / SGD = {ratios['kfacvi1_over_sgd']:.2f}")
     print(f"  {'M':>3} {'KFAC-VI(M)/(M·KFAC-VI(1))':>26} {'KFAC-VI(M)/seq(M)':>18} {'KFAC-VI(M)/PyroSVI(M)':>22} "
           f"{'KFAC-VI(M)/floor(M)':>20} {'peak MB KFAC-VI(M)':>19}")
@@ -527,7 +532,7 @@ def main():
     pairs = candidate_list(sample_counts)
     settings = EngineSettings.from_args(args)
     every = settings.curvature_every
-    candidates = [Candidate(candidate_name(k, m), make_step_fn(k, m, device, x, y, settings), steps_per_call(k, every))
+    candidates = [Candidate(candidate_name(k, m), make_step_fn(k, m, device, x, y, settings), every)
                   for k, m in pairs]
     print("timing")
     measure_steps(candidates, args.repeats, args.warmup, args.round_seconds, device)
@@ -569,7 +574,7 @@ def main():
             "step_ms": step_ms,
             "step_ms_mean": {c.name: 1000 * statistics.fmean(c.times) for c in candidates},
             "step_ms_p10": step_ms_p10,
-            "steps_timed": {c.name: len(c.times) for c in candidates},
+            "steps_timed": {c.name: len(c.times) * c.steps_per_call for c in candidates},
             "predictive": predictive,
             "device": info.get("gpu", "cpu") if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(),
