@@ -40,12 +40,13 @@ Candidates (each owns its own freshly initialised network, model and guide, same
   max_plate_nesting=1)`` and ``pyro.optim.Adam(lr=1e-3)`` — what a Pyro user would pick instead
   (Pyro's default validation left on, as a user would have it).
 
-Timing: all candidates live in ONE process. Each first runs ``--warmup`` untimed steps; the
-fastest warm-up step fixes how many consecutive steps it runs per round (about
-``--round-seconds`` worth, at least one), so cheap candidates get more samples. Then
-``--repeats`` rounds go round-robin over the candidates, starting each round at a different
-candidate so none is always first after another's cache-heavy step. Every step is timed on its
-own (``perf_counter``, with ``torch.cuda.synchronize`` around it on CUDA). Reported: the median
+Timing: all candidates live in ONE process. Each first runs ``--warmup`` untimed calls (a call
+is one step, or K with ``--curvature-every K``); the fastest warm-up call fixes how many
+consecutive calls it runs per round (about ``--round-seconds`` worth, at least one), so cheap
+candidates get more samples. Then ``--repeats`` rounds go round-robin over the candidates,
+starting each round at a different candidate so none is always first after another's
+cache-heavy step. Every call is timed on its own (``perf_counter``, with
+``torch.cuda.synchronize`` around it on CUDA) and divided by its steps. Reported: the median
 ms/step (robust to other load on the machine) and the mean (which includes the amortised
 eigendecomposition of every 10th KFAC-VI step that the median hides). On a shared machine whose
 neighbours slow steps down now and then (the medians of two identical runs then differ by up to
