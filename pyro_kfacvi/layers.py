@@ -76,13 +76,18 @@ class Recorder:
 
     def __init__(self, reduce=False):
         self.reduce, self.capturing = reduce, True
-        self.input_sums, self.output_sums = {}, {}
+        self.recorded, self.input_sums, self.output_sums = set(), {}, {}
 
     def record(self, name, output, output_sum, input_sum=None):
         """Record block ``name``'s input sum, if any, and ``output_sum``, which maps the gradient w.r.t.
         the layer ``output`` (a fresh tensor or a reshaped view of one) to the block's output-side sum:
         the gradient w.r.t. ``output`` as the layer returned it, even if a later operation modifies it
-        in place (e.g. ``ReLU(inplace=True)``)."""
+        in place (e.g. ``ReLU(inplace=True)``). A layer called twice in one pass raises ``ValueError``."""
+        if name in self.recorded:
+            raise ValueError(f"layer '{name}' ran more than once in one forward pass: eq. (8) takes one input and "
+                             "one output per layer and example, so a module whose weights are shared between calls "
+                             "is not supported; give each call its own module")
+        self.recorded.add(name)
         if input_sum is not None:
             self.input_sums[name] = input_sum
         # the hook goes on the tensor the layer computed: a reshaped view of it (BatchNorm's output, a

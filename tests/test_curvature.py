@@ -135,6 +135,22 @@ def test_factors_use_the_layer_output_gradient_before_in_place_activations(fishe
             torch.testing.assert_close(f, f_ref, rtol=0, atol=0)
 
 
+def test_a_layer_called_twice_in_one_pass_is_refused():
+    """A module applied twice (weights shared between calls) would get the factors of its last call
+    only: the first step that records curvature raises, naming the layer."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.hidden(torch.tanh(self.hidden(x)))))
+
+    model, guide, engine = setup(Twice())
+    with pytest.raises(ValueError, match="layer 'hidden' ran more than once"):
+        engine.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+
+
 def test_single_layer_kronecker_is_the_exact_fisher_block():
     """For one example and one layer, A ⊗ G = vec(∇W̃) vec(∇W̃)ᵀ exactly."""
     net = nn.Linear(4, 3)
