@@ -135,6 +135,32 @@ def test_factors_use_the_layer_output_gradient_before_in_place_activations(fishe
             torch.testing.assert_close(f, f_ref, rtol=0, atol=0)
 
 
+def test_torchvision_resnet_block_factors_ignore_its_in_place_operations():
+    """torchvision's BasicBlock applies ReLU(inplace=True) to BatchNorm outputs and adds its shortcut
+    in place (``out += identity``): its factors equal those of the same block with out-of-place
+    ReLUs (before the hooks, the first BatchNorm's took the gradient after its ReLU)."""
+    from torchvision.models.resnet import BasicBlock
+
+    def net(inplace):
+        torch.manual_seed(1)
+        block = BasicBlock(3, 3)
+        for module in block.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = inplace
+        return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), block, nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
+
+    x, y = torch.randn(7, 2, 6, 6), torch.randint(0, 3, (7,))
+    factors = []
+    for inplace in (True, False):
+        model, guide, engine = setup(net(inplace), rho=0.1)
+        torch.manual_seed(2)
+        factors.append(engine.statistics(x, y, guide.sample_eigenbasis_blocks(1)).factors)
+    assert len(factors[0]) == 6  # conv, conv1, bn1, conv2, bn2, fc
+    for block, reference in zip(*factors, strict=True):
+        for f, f_ref in zip(block, reference, strict=True):
+            torch.testing.assert_close(f, f_ref, rtol=0, atol=0)
+
+
 def test_a_layer_called_twice_in_one_pass_is_refused():
     """A module applied twice (weights shared between calls) would get the factors of its last call
     only: the first step that records curvature raises, naming the layer."""
