@@ -82,7 +82,11 @@ class Recorder:
         """Record block ``name``'s input sum, if any, and ``output_sum``, which maps the gradient w.r.t.
         the layer ``output`` (a fresh tensor or a reshaped view of one) to the block's output-side sum:
         the gradient w.r.t. ``output`` as the layer returned it, even if a later operation modifies it
-        in place (e.g. ``ReLU(inplace=True)``). A layer called twice in one pass raises ``ValueError``."""
+        in place (e.g. ``ReLU(inplace=True)``). A layer called twice in one pass raises ``ValueError``,
+        one run without autograd (``torch.no_grad``, reentrant activation checkpointing) ``RuntimeError``."""
+        if not output.requires_grad:
+            raise RuntimeError(f"layer '{name}' ran without autograd (inside torch.no_grad() or a reentrant "
+                               "torch.utils.checkpoint): its curvature needs the gradient w.r.t. its output")
         if name in self.recorded:
             raise ValueError(f"layer '{name}' ran more than once in one forward pass: eq. (8) takes one input and "
                              "one output per layer and example, so a module whose weights are shared between calls "

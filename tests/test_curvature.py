@@ -177,6 +177,32 @@ def test_a_layer_called_twice_in_one_pass_is_refused():
         engine.step(torch.randn(5, 4), torch.randint(0, 3, (5,)))
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # the reentrant form's, expected
+@pytest.mark.parametrize("reentrant,match", [(True, "layer 'a' ran without autograd"),
+                                               (False, "different number of tensors was saved")])
+def test_activation_checkpointing_is_refused_at_the_first_step(reentrant, match):
+    """Activation checkpointing recomputes a layer in the backward pass, after the sampled layers
+    have been given back their own forward: the first step raises (reentrant: the layer ran without
+    autograd; non-reentrant: torch sees the recomputation save other tensors) and changes nothing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=reentrant))
+
+    model, guide, engine = setup(Checkpointed(), rho=0.1)
+    means = [block.eigenbasis_loc.clone() for block in guide.blocks]
+    with pytest.raises(RuntimeError, match=match):
+        engine.step(torch.randn(7, 4), torch.randint(0, 3, (7,)))
+    assert engine.iteration == 0
+    for block, mean in zip(guide.blocks, means, strict=True):
+        assert torch.equal(block.eigenbasis_loc, mean)
+
+
 def test_single_layer_kronecker_is_the_exact_fisher_block():
     """For one example and one layer, A ⊗ G = vec(∇W̃) vec(∇W̃)ᵀ exactly."""
     net = nn.Linear(4, 3)
