@@ -268,6 +268,8 @@ class KFACVI:
             weight_grads = torch.autograd.grad(nll, leaves, retain_graph=True)
             recorder.capturing = True
             sampled = likelihood.distribution(out.detach(), validate_args=False).sample()
+            # to the leaves, not to the layer outputs: an output modified in place since would stop
+            # the pass after the in-place operation, before the hook (weight gradients are discarded)
             torch.autograd.grad(likelihood.nll(out, sampled), leaves)
         else:  # under the empirical Fisher the recorder's hooks take G from this backward pass
             weight_grads = torch.autograd.grad(nll, leaves)

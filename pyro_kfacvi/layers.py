@@ -259,12 +259,11 @@ class LinearAdapter(KroneckerAdapter):
 
     @staticmethod
     def eigenbasis_inputs(module, x, basis_in):
-        """x̃ Q_A for the inputs x̃ = [x, 1]: the homogeneous coordinate adds Q_A's last row."""
+        """x̃ Q_A for the inputs x̃ = [x, 1] of any leading shape: the homogeneous coordinate adds Q_A's
+        last row, as the bias of one ``F.linear``."""
         if module.bias is None:
             return x @ basis_in
-        if x.dim() == 2:
-            return torch.addmm(basis_in[-1], x, basis_in[:-1])
-        return torch.addmm(basis_in[-1], x.flatten(0, -2), basis_in[:-1]).unflatten(0, x.shape[:-1])
+        return F.linear(x, basis_in[:-1].T, basis_in[-1])
 
     @staticmethod
     def apply_weights(x, lead, weight, bias, num_samples, shared):
