@@ -94,11 +94,11 @@ class KroneckerFactors(nn.Module):
         root = damping ** 0.5
         return e_g + root / pi, e_a + root * pi
 
-    SPECTRUM = ("eigenvalues_A", "eigenvalues_G", "eigenvectors_A", "eigenvectors_G")
+    SPECTRUM = ("eigenvalues_A", "eigenvalues_G")
 
     def spectrum_buffers(self):
-        """The tensors that the damped eigenvalues and the eigenbasis derive from (read from the
-        buffer table directly: the guide's memo asks every block for them three times a step)."""
+        """The tensors that the damped eigenvalues derive from (read from the buffer table directly:
+        the guide's memo asks every block for them three times a step)."""
         buffers = self._buffers
         return tuple(buffers[name] for name in self.SPECTRUM)
 

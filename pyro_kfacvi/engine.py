@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .layers import KFAC_APPROXIMATIONS, Recorder, run_sampled
-from .model import extremes
+from .model import all_finite
 
 WEIGHT_DECAY_MODES = ("coupled", "decoupled", "literal")
 NONFINITE_POLICIES = ("raise", "retry")
@@ -207,8 +207,7 @@ class KFACVI:
     @staticmethod
     def check_finite(t, loss, stats):
         """Reject a step whose loss, gradients or curvature are not finite, before any state changes."""
-        tensors = [loss, *stats.grads, *flatten(stats.factors or [])]
-        if not bool(torch.isfinite(extremes(tensors)).all()):
+        if not all_finite([loss, *stats.grads, *flatten(stats.factors or [])]):
             raise FloatingPointError(
                 f"non-finite loss, gradient or curvature at iteration {t} (loss {loss.item():.4g}); the guide "
                 "was left unchanged. Typical causes: a learning rate too large for the damping (increase damping, "

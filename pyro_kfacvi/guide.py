@@ -225,8 +225,8 @@ class KroneckerGuide(nn.Module):
         eta = self.model.prior_variance
         constant = self.derived_from_spectra("kl_constant", (self.rho, self.posterior_damping, eta),
                                              lambda: self.kl_constant(eta))
-        squared_norm = torch.stack(torch._foreach_norm([block.eigenbasis_loc for block in self.blocks])).square().sum()
-        return squared_norm * (0.5 / eta) + constant
+        norms = torch.stack(torch._foreach_norm([block.eigenbasis_loc for block in self.blocks]))
+        return torch.add(constant, torch.dot(norms, norms), alpha=0.5 / eta)
 
     def kl_constant(self, eta):
         """The part of the KL that does not depend on μ: ½[tr Σ/η − D + D log η − log|Σ|]."""

@@ -5,6 +5,9 @@ KL change only when the eigenbases are refreshed (every ``inverse_every`` steps)
 every step needs them; the guide keeps them for all blocks at once (one check per use, not one
 per block).
 """
+import operator
+from dataclasses import dataclass
+
 import torch
 
 
@@ -18,17 +21,27 @@ class DerivedValues:
 
     def get(self, name, tensors, numbers, compute):
         """The value ``name``: ``compute()``, or its result from an earlier call with the same inputs."""
-        if torch.is_inference_mode_enabled() or any(t.is_inference() for t in tensors):
-            return compute()  # inference tensors have no version counter, and must not leak out
-        stamp = (tuple((t, t._version) for t in tensors), tuple(numbers))
+        if torch.is_inference_mode_enabled():
+            return compute()
+        try:
+            versions = [t._version for t in tensors]
+        except RuntimeError:  # an inference tensor has no version counter, and must not leak out
+            return compute()
+        numbers = tuple(numbers)
         entry = self._entries.get(name)
-        if entry is None or not _same_stamp(entry[0], stamp):
-            entry = (stamp, compute())
+        if entry is None or not entry.matches(tensors, versions, numbers):
+            entry = _Entry(list(tensors), versions, numbers, compute())
             self._entries[name] = entry
-        return entry[1]
+        return entry.value
 
 
-def _same_stamp(old, new):
-    (old_tensors, old_numbers), (new_tensors, new_numbers) = old, new
-    return (old_numbers == new_numbers and len(old_tensors) == len(new_tensors)
-            and all(a is b and va == vb for (a, va), (b, vb) in zip(old_tensors, new_tensors)))
+@dataclass
+class _Entry:
+    tensors: list
+    versions: list
+    numbers: tuple
+    value: object
+
+    def matches(self, tensors, versions, numbers):
+        return (self.numbers == numbers and self.versions == versions
+                and len(self.tensors) == len(tensors) and all(map(operator.is_, self.tensors, tensors)))

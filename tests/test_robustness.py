@@ -17,7 +17,7 @@ from torch import nn
 from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, cli
 from pyro_kfacvi import curvature
 from pyro_kfacvi.data import cifar10
-from pyro_kfacvi.model import extremes
+from pyro_kfacvi.model import all_finite
 from pyro_kfacvi.presets import TrainConfig
 from pyro_kfacvi.training import CheckpointError, Trainer, TrainingInterrupted, load_checkpoint
 from test_training import TINY, _strip_times, cifar10_root, fake_data
@@ -82,6 +82,20 @@ def test_bad_input_raises_a_clear_error_before_any_state_changes(make_batch, mat
     assert torch.equal(torch.get_rng_state(), rng)  # rejected before drawing any weight sample
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_inputs_whose_sum_overflows_pass_the_value_check(dtype):
+    """The check sums x (NaN and Inf propagate) and looks at every entry only when the sum is not
+    finite: huge but finite inputs must pass, one NaN among them must not."""
+    model = small_engine().model.to(dtype)
+    x, y = batch()
+    x = x.to(dtype)
+    x[:, 0] = torch.finfo(dtype).max
+    model.check_values(x, y)
+    x[6, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or Inf in 1 of its 8 examples .*index 6"):
+        model.check_values(x, y)
+
+
 @pytest.mark.parametrize("make,match", [
     (lambda m, g: KFACVI(m, g, lr=0.0), "lr must be a positive number"),
     (lambda m, g: KFACVI(m, g, lr=-1e-3), "lr must be a positive number"),
@@ -123,15 +137,17 @@ def poison_statistics(engine, monkeypatch, where, value, attempts):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_one_non_finite_value_anywhere_shows_in_the_extremes(value):
-    tensors = [torch.randn(()), torch.randn(401, 401), torch.randn(7)]
-    tensors[1][0, 0] = 3e38  # finite, however large
-    assert torch.isfinite(extremes(tensors)).all()
+def test_one_non_finite_value_anywhere_is_found(value):
+    tensors = [torch.randn(()), torch.randn(401, 401), torch.randn(7, dtype=torch.float64)]
+    tensors[1][0, 0] = -3e38  # finite, however large
+    assert all_finite(tensors)  # through the exact check: the 2-norm overflows
+    assert all_finite(tensors[:1] + tensors[2:])
     for index, tensor in enumerate(tensors):
         for position in {0, min(tensor.numel() // 2 + 3, tensor.numel() - 1), tensor.numel() - 1}:
             poisoned = [t.clone() for t in tensors]
             poisoned[index].view(-1)[position] = value
-            assert not torch.isfinite(extremes(poisoned)).all()
+            assert not all_finite(poisoned)
+            assert not all_finite(poisoned[index:index + 1])
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
