@@ -8,11 +8,13 @@ separate runs of ``step_cost.py`` differ by ±0.1 on a shared machine. Here each
 ``pyro_kfacvi`` is exported (``git archive``) into a temporary folder as its own package, every
 candidate gets the same LeNet5 (random CIFAR-10-shaped batch of 64, split damping, ρ = 6e-5 as in
 ``step_cost.py``), and the rounds alternate SGD and the candidates step by step (rotating the
-order). Printed: per candidate the step time over the SGD step at the 5th, 10th and 25th
-percentiles of each one's times — interference only adds time, so the fast tail is the least
-disturbed estimate (the same revision entered three times agreed to ±0.006 in it, identical
-code at two revisions once to ±0.04). With K > 1 one call is K consecutive steps, one of which
-refreshes the curvature.
+order). Each revision runs as two engines, built in mirrored order (A B … B A): identical engines
+built one after the other differed by up to 0.04 SGD steps however many rounds ran (where their
+tensors landed in memory, presumably), so the order of building must not favour a revision.
+Printed: per revision the step time over the SGD step at the 5th, 10th and 25th percentiles of
+each engine's times, the mean of its two engines and, in brackets, each — interference only adds
+time, so the fast tail is the least disturbed estimate. With K > 1 one call is K consecutive
+steps, one of which refreshes the curvature.
 """
 import argparse
 import importlib
@@ -70,9 +72,11 @@ def main():
     candidates = {"sgd": lambda: [sgd() for _ in range(steps)]}
     with tempfile.TemporaryDirectory() as folder:
         sys.path.insert(0, folder)
-        for i, revision in enumerate(args.revisions):
-            library = export_package(revision, Path(folder), f"pyro_kfacvi_revision{i}")
-            candidates[f"{i}:{revision}"] = engine_step(library, x, y, args)
+        libraries = {f"{i}:{revision}": export_package(revision, Path(folder), f"pyro_kfacvi_revision{i}")
+                     for i, revision in enumerate(args.revisions)}
+        for copy, order in (("a", list(libraries)), ("b", list(libraries)[::-1])):  # mirrored: A B … B A
+            for label in order:
+                candidates[f"{label}/{copy}"] = engine_step(libraries[label], x, y, args)
         times = {name: [] for name in candidates}
         names = list(candidates)
         for r in range(args.rounds):
@@ -85,8 +89,10 @@ def main():
     cuts = {name: statistics.quantiles(t, n=20) for name, t in times.items()}  # 5th, 10th, ... percentiles
     for q in (5, 10, 25):
         sgd_time = cuts["sgd"][q // 5 - 1]
+        ratios = {name: cuts[name][q // 5 - 1] / sgd_time for name in names[1:]}
         print(f"  p{q:<3} SGD {1000 * sgd_time:6.2f} ms  " + "  ".join(
-            f"{name} {cuts[name][q // 5 - 1] / sgd_time:.3f}" for name in names[1:]))
+            f"{label} {(ratios[label + '/a'] + ratios[label + '/b']) / 2:.3f} ({ratios[label + '/a']:.3f}, "
+            f"{ratios[label + '/b']:.3f})" for label in libraries))
 
 
 if __name__ == "__main__":

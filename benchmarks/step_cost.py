@@ -237,10 +237,9 @@ def sequential_step(engine, x, y, num_samples):
     stats = Statistics(total.nll / num_samples, [g / num_samples for g in total.grads],
                        None if total.factors is None else
                        [tuple(f / num_samples for f in fs) for fs in total.factors])
-    loss = stats.nll + engine.complexity()
-    engine.check_finite(engine.iteration, loss, stats)
+    loss = engine.checked_loss(engine.iteration, stats.nll + engine.complexity(), stats)
     engine.apply(stats)
-    return loss.item()
+    return loss
 
 
 def sequential_step_fn(device, x, y, num_samples, settings):

@@ -160,7 +160,7 @@ class KFACVI:
         with_curvature = self.iteration % self.curvature_every == 0
         stats, loss = self.finite_statistics(x, y, with_curvature)
         self.apply(stats)
-        return loss.item()
+        return loss
 
     def apply(self, stats):
         """The rest of a step, given its finite statistics: eq. (9) when they hold curvature, the
@@ -179,17 +179,15 @@ class KFACVI:
         self.iteration += 1
 
     def finite_statistics(self, x, y, with_curvature):
-        """Eqs. (7, 8) and the loss for fresh weight samples, checked by :meth:`check_finite` and,
+        """Eqs. (7, 8) and the loss (a number) for fresh weight samples, checked by :meth:`checked_loss` and,
         under ``on_nonfinite="retry"``, redrawn with a larger damping until finite. The forward pass
         moves BatchNorm's running statistics: a rejected attempt restores the network's buffers."""
         damping, buffers = self.guide.damping, [b.clone() for b in self.model.buffers()]
         attempts = 1 + (self.max_retries if self.on_nonfinite == "retry" else 0)
         for attempt in range(1, attempts + 1):
             stats = self.statistics(x, y, self.sample_blocks(), with_curvature)
-            loss = stats.nll + self.complexity()
             try:
-                self.check_finite(self.iteration, loss, stats)
-                return stats, loss
+                return stats, self.checked_loss(self.iteration, stats.nll + self.complexity(), stats)
             except FloatingPointError as fault:
                 for buffer, saved in zip(self.model.buffers(), buffers):
                     buffer.copy_(saved)
@@ -205,13 +203,17 @@ class KFACVI:
                               f"{self.guide.damping:.3g}.", RuntimeWarning, stacklevel=3)
 
     @staticmethod
-    def check_finite(t, loss, stats):
-        """Reject a step whose loss, gradients or curvature are not finite, before any state changes."""
-        if not all_finite([loss, *stats.grads, *flatten(stats.factors or [])]):
+    def checked_loss(t, loss, stats):
+        """``loss`` as a number, once it, the gradients and the curvature are found finite — one host
+        synchronisation for both; a step that is not raises ``FloatingPointError`` before any state changes."""
+        tensors = [*stats.grads, *flatten(stats.factors or [])]
+        loss, *norms = torch.stack([loss, *torch._foreach_norm(tensors)]).tolist()
+        if not (math.isfinite(loss) and all_finite(tensors, norms)):
             raise FloatingPointError(
-                f"non-finite loss, gradient or curvature at iteration {t} (loss {loss.item():.4g}); the guide "
+                f"non-finite loss, gradient or curvature at iteration {t} (loss {loss:.4g}); the guide "
                 "was left unchanged. Typical causes: a learning rate too large for the damping (increase damping, "
                 "use split_damping=True or on_nonfinite='retry'), or a diverged run.")
+        return loss
 
     @torch.no_grad()
     def evaluate_loss(self, x, y):

@@ -9,15 +9,11 @@ from torch import nn
 from .layers import find_layers, run_sampled
 
 
-def all_finite(tensors):
-    """Whether every entry of every tensor is finite. Fast path: the 2-norms of all tensors in one
-    fused reduction (``torch._foreach_norm``; NaN and ±Inf propagate through it), summed, and one host
-    synchronisation; only if that sum is not finite (a non-finite entry, or an overflow) is every
-    tensor checked exactly."""
-    with torch.no_grad():
-        if math.isfinite(torch.stack(torch._foreach_norm(tensors)).sum().item()):
-            return True
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+def all_finite(tensors, norms):
+    """Whether every entry of every tensor is finite, given their 2-norms as numbers (NaN and ±Inf
+    propagate through a norm, e.g. ``torch._foreach_norm``'s, one fused reduction for all): only a
+    tensor whose norm is not finite (a non-finite entry, or an overflow) is checked entry by entry."""
+    return all(math.isfinite(norm) or bool(torch.isfinite(t).all()) for t, norm in zip(tensors, norms, strict=True))
 
 
 class BayesianModel(nn.Module):
