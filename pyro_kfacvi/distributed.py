@@ -55,7 +55,7 @@ def draw_weight_samples(guide, seed, step, indices):
     after block, from a generator seeded by :func:`stream_seed` ``(seed, step, i)``."""
     if guide.is_point_mass:
         return guide.sample_eigenbasis_blocks(len(indices))
-    means = [block.eigenbasis_loc for block in guide.blocks]
+    means = guide.means()
 
     def noise(index):
         generator = torch.Generator(means[0].device).manual_seed(stream_seed(seed, step, index))

@@ -285,7 +285,7 @@ class KFACVI:
         guide = self.guide
         coupled = guide.prior_precision + (self.weight_decay if self.weight_decay_mode == "coupled" else 0.0)
         decoupled = {"coupled": 0.0, "decoupled": self.weight_decay, "literal": self.weight_decay / lr}
-        means = [block.eigenbasis_loc for block in guide.blocks]
+        means = guide.means()
         if coupled:
             grads = torch._foreach_add(grads, means, alpha=coupled)
         torch._foreach_mul_(self.velocities, momentum)

@@ -1,5 +1,6 @@
 """The Kronecker-factored Gaussian guide q(θ) = Π_layers N(μ_l, Σ_l)."""
 import math
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -10,6 +11,19 @@ from .curvature import DiagonalFactors, KroneckerFactors
 from .distributions import EigenbasisNormal, scale_sums_of
 from .layers import EigenbasisBlock
 from .memo import DerivedValues
+
+
+@dataclass
+class SpectralTerms:
+    """What the steps need from the damped spectra of all blocks, in block order: the eigenvalues
+    of F̂ + γI arranged like each block (the preconditioner of eq. 10), q's standard deviations in
+    the eigenbasis S = ρ/√(eigenvalues) (eq. 12) with their sums (Σ log S, Σ S²), and the part of
+    the KL that does not depend on μ, ½[tr Σ/η − D + D log η − log|Σ|] (``None`` for a point mass)."""
+
+    eigenvalues: list
+    scales: list = None
+    scale_sums: list = None
+    kl_constant: torch.Tensor = None
 
 
 class PosteriorBlock(nn.Module):
@@ -104,6 +118,24 @@ class KroneckerGuide(nn.Module):
             if names:
                 blocks.append(PosteriorBlock(layer, module, adapter, names, split_damping))
         self.blocks = nn.ModuleList(blocks)
+        self._gathered = None  # see _gather
+
+    def _apply(self, fn, recurse=True):
+        self._gathered = None  # module.to() and the like replace the tensors gathered
+        return super()._apply(fn, recurse)
+
+    def _gather(self):
+        """The means (eigenbasis coordinates) and the spectrum buffers of all blocks as two flat lists,
+        gathered once: the engine updates them in place and ``load_state_dict`` copies into them; only
+        :meth:`_apply` (``guide.to(...)``; move the guide as a whole) replaces them."""
+        if self._gathered is None:
+            self._gathered = ([block.eigenbasis_loc for block in self.blocks],
+                              [t for block in self.blocks for t in block.curvature.spectrum_buffers()])
+        return self._gathered
+
+    def means(self):
+        """μ of every block in eigenbasis coordinates: the buffers themselves."""
+        return self._gather()[0]
 
     @property
     def model(self):
@@ -148,28 +180,37 @@ class KroneckerGuide(nn.Module):
         at μ when ρ = 0."""
         if self.is_point_mass:
             return [dist.Delta(block.loc, event_dim=block.loc.dim()) for block in self.blocks]
+        terms = self.spectral_terms()
         return [EigenbasisNormal(block.loc, scale, block.curvature, sums)
-                for block, (scale, sums) in zip(self.blocks, self.scales())]
+                for block, scale, sums in zip(self.blocks, terms.scales, terms.scale_sums)]
 
-    def derived_from_spectra(self, name, numbers, compute):
-        """``compute()``, kept until the eigenbasis of any block is refreshed or one of ``numbers``
-        changes — one check per call for all blocks (:mod:`pyro_kfacvi.memo`)."""
-        spectra = [t for block in self.blocks for t in block.curvature.spectrum_buffers()]
-        return self.derived.get(name, spectra, numbers, compute)
+    def spectral_terms(self):
+        """The :class:`SpectralTerms` for γ = :attr:`posterior_damping`, ρ and η, kept until the spectrum
+        of any block changes (a refresh, ``load_state_dict``) or one of the numbers does — one check for
+        all blocks (:mod:`pyro_kfacvi.memo`)."""
+        rho, damping, eta = self.rho, self.posterior_damping, self.model.prior_variance
+        return self.derived.get("spectral terms", self._gather()[1], (rho, damping, eta),
+                                lambda: self.compute_spectral_terms(rho, damping, eta))
+
+    def compute_spectral_terms(self, rho, damping, eta):
+        eigenvalues = [block.curvature.eigenvalues(damping) for block in self.blocks]
+        if rho == 0:
+            return SpectralTerms(eigenvalues)
+        scales = [rho * e.rsqrt() for e in eigenvalues]
+        sums = [scale_sums_of(scale) for scale in scales]
+        d = sum(scale.numel() for scale in scales)
+        trace, log_det = sum(variances for _, variances in sums), sum(2 * logs for logs, _ in sums)
+        return SpectralTerms(eigenvalues, scales, sums, 0.5 * (trace / eta - d + d * math.log(eta) - log_det))
 
     def damped_eigenvalues(self):
         """Per block, the eigenvalues of F̂ + γI arranged like the block (γ = :attr:`posterior_damping`)."""
-        damping = self.posterior_damping
-        return self.derived_from_spectra("eigenvalues", (damping,),
-                                         lambda: [block.curvature.eigenvalues(damping) for block in self.blocks])
+        return self.spectral_terms().eigenvalues
 
     def scales(self):
         """Per block, S = ρ/√(eigenvalues of F̂ + γI), q's standard deviations in the eigenbasis
         (eq. 12), with its sums (Σ log S, Σ S²)."""
-        def compute():
-            scales = [self.rho * eigenvalues.rsqrt() for eigenvalues in self.damped_eigenvalues()]
-            return [(scale, scale_sums_of(scale)) for scale in scales]
-        return self.derived_from_spectra("scales", (self.rho, self.posterior_damping), compute)
+        terms = self.spectral_terms()
+        return list(zip(terms.scales, terms.scale_sums))
 
     def forward(self, *args, **kwargs):
         samples = {}
@@ -193,7 +234,7 @@ class KroneckerGuide(nn.Module):
     def sample_eigenbasis_blocks(self, num_samples):
         """M draws of every block in its eigenbasis coordinates (see :class:`PosteriorBlock`),
         ``(M, *block_shape)`` each: elementwise, the basis change is left to the layers."""
-        means = [block.eigenbasis_loc for block in self.blocks]
+        means = self.means()
         if self.is_point_mass:
             return [mean.expand(num_samples, *mean.shape) for mean in means]
         sizes = [num_samples * mean.numel() for mean in means]
@@ -203,8 +244,7 @@ class KroneckerGuide(nn.Module):
     def eigenbasis_draws(self, noises):
         """Q_Gᵀ μ Q_A + ε ⊙ S per block (eq. 12 in eigenbasis coordinates), for standard normal
         ``noises`` ε, one ``(M, *block_shape)`` per block."""
-        scales = [scale for scale, _ in self.scales()]
-        return torch._foreach_addcmul([block.eigenbasis_loc for block in self.blocks], noises, scales)
+        return torch._foreach_addcmul(self.means(), noises, self.spectral_terms().scales)
 
     def eigenbasis_layer_params(self, block_values):
         """Draws in eigenbasis coordinates → ``{layer name: params}`` for the network (Kronecker
@@ -218,22 +258,12 @@ class KroneckerGuide(nn.Module):
     def kl_to_prior(self):
         """KL(q ‖ N(0, ηI)) = ½[(tr Σ + ‖μ‖²)/η − D + D log η − log|Σ|] over all D parameters
         (infinite for a point mass). The terms in Σ change only with the eigenbases and are kept
-        until then; ‖μ‖² is one fused reduction over the blocks (in eigenbasis coordinates: the bases
-        are orthogonal)."""
+        until then (:meth:`spectral_terms`); ‖μ‖² is one fused reduction over the blocks (in
+        eigenbasis coordinates: the bases are orthogonal)."""
         if self.is_point_mass:
             return torch.tensor(math.inf, device=self.blocks[0].eigenbasis_loc.device)
-        eta = self.model.prior_variance
-        constant = self.derived_from_spectra("kl_constant", (self.rho, self.posterior_damping, eta),
-                                             lambda: self.kl_constant(eta))
-        norms = torch.stack(torch._foreach_norm([block.eigenbasis_loc for block in self.blocks]))
-        return torch.add(constant, torch.dot(norms, norms), alpha=0.5 / eta)
-
-    def kl_constant(self, eta):
-        """The part of the KL that does not depend on μ: ½[tr Σ/η − D + D log η − log|Σ|]."""
-        d = sum(block.eigenbasis_loc.numel() for block in self.blocks)
-        scales = self.scales()
-        trace, log_det = sum(variances for _, (_, variances) in scales), sum(2 * logs for _, (logs, _) in scales)
-        return 0.5 * (trace / eta - d + d * math.log(eta) - log_det)
+        norms = torch.stack(torch._foreach_norm(self.means()))
+        return torch.add(self.spectral_terms().kl_constant, torch.dot(norms, norms), alpha=0.5 / self.model.prior_variance)
 
     def log_prior_of_mean(self):
         """log N(μ; 0, ηI), the prior term of the MAP objective (used when ρ = 0); isotropic, so the

@@ -396,6 +396,17 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
     assert guide.damped_eigenvalues()[0].dtype == guide.scales()[0][0].dtype == torch.float32
 
 
+def test_moving_the_guide_regathers_its_tensors():
+    """The guide gathers its means and spectra once; ``guide.to(...)`` replaces those tensors, and the
+    means it hands out (which the engine updates in place) must be the new ones."""
+    guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2).float(), Categorical(), 1.0, 10), rho=0.1).float()
+    assert guide.damped_eigenvalues()[0].dtype == guide.means()[0].dtype == torch.float32
+    guide.double()
+    assert all(mean is block.eigenbasis_loc for mean, block in zip(guide.means(), guide.blocks, strict=True))
+    assert guide.damped_eigenvalues()[0].dtype == guide.scales()[0][0].dtype == torch.float64
+    assert guide.sample_eigenbasis_blocks(2)[0].dtype == torch.float64
+
+
 def test_memo_is_bypassed_under_inference_mode():
     guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1)
     with torch.inference_mode():
