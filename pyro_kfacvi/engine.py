@@ -129,6 +129,7 @@ class KFACVI:
         self.on_nonfinite, self.max_retries, self.damping_growth = on_nonfinite, int(max_retries), float(damping_growth)
         self.parallel = parallel
         self.iteration = 0
+        self.last_complexity = None  # the complexity term of the loss the last step returned
         self.velocities = [torch.zeros_like(block.eigenbasis_loc) for block in guide.blocks]  # eigenbasis coordinates
 
     # ----------------------------------------------------------------------------------------
@@ -152,7 +153,9 @@ class KFACVI:
 
         Bad input (shapes, dtypes, NaN/Inf in ``x``, labels outside the classes) raises before any
         work; non-finite statistics are handled as ``on_nonfinite`` says. A model in eval mode is put
-        in training mode (submodules that were switched to eval mode on their own stay so)."""
+        in training mode (submodules that were switched to eval mode on their own stay so).
+        :attr:`last_complexity` then holds the loss's complexity term (:meth:`complexity` before the
+        update, a tensor), for a training loop that reports it apart without computing it again."""
         self.model.check_batch(x, y)
         self.model.check_values(x, y)
         if not self.model.training:
@@ -186,8 +189,11 @@ class KFACVI:
         attempts = 1 + (self.max_retries if self.on_nonfinite == "retry" else 0)
         for attempt in range(1, attempts + 1):
             stats = self.statistics(x, y, self.sample_blocks(), with_curvature)
+            complexity = self.complexity()
             try:
-                return stats, self.checked_loss(self.iteration, stats.nll + self.complexity(), stats)
+                loss = self.checked_loss(self.iteration, stats.nll + complexity, stats)
+                self.last_complexity = complexity
+                return stats, loss
             except FloatingPointError as fault:
                 for buffer, saved in zip(self.model.buffers(), buffers):
                     buffer.copy_(saved)

@@ -279,12 +279,12 @@ class Trainer:
             for x, y in itertools.islice(self.batches(), progress.steps, None):
                 t = engine.iteration
                 lr = engine.hyperparameters(t)[0]
-                with torch.no_grad():  # the KL (or -log prior) part of the loss, summed without a host sync
-                    progress.complexity_sum = progress.complexity_sum + engine.complexity()
                 try:
                     loss = engine.step(x, y)
                 except FloatingPointError as exc:
                     self._diverged(t, lr, str(exc))
+                # the KL (or −log prior) part of the loss, summed without a host synchronisation
+                progress.complexity_sum = progress.complexity_sum + engine.last_complexity
                 if not math.isfinite(loss):
                     self._diverged(t, lr, f"step returned loss {loss}")
                 progress.loss_sum += loss

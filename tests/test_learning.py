@@ -86,3 +86,22 @@ def test_resnet18_steps_end_to_end():
     assert kinds == {"KroneckerFactors", "DiagonalFactors"} and len(guide.blocks) == 20 + 20 + 1
     probs = Predictive(model, guide, 2)(x)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("rho", [0.0, None])
+def test_step_returns_nll_plus_complexity_and_keeps_the_complexity(rho):
+    """The returned loss is the NLL per datum of the step's own samples plus the complexity term
+    (kl_weight·KL/N, or −log p(μ)/N for K-FAC) at μ before the update, which the step keeps in
+    ``last_complexity`` for training loops that report the two apart."""
+    model = BayesianModel(nn.Linear(2, 2), Categorical(), 1.0, 100)
+    guide = KroneckerGuide(model, rho=rho, damping=0.1)
+    engine = KFACVI(model, guide, lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    engine.step(x, y)
+    complexity = engine.complexity()
+    torch.manual_seed(3)
+    nll = engine.statistics(x, y, guide.sample_eigenbasis_blocks(1), with_curvature=False).nll
+    torch.manual_seed(3)
+    loss = engine.step(x, y)
+    torch.testing.assert_close(engine.last_complexity, complexity)
+    assert loss == pytest.approx(float(nll + complexity), rel=1e-6)
