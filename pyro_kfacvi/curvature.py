@@ -97,8 +97,7 @@ class KroneckerFactors(nn.Module):
     SPECTRUM = ("eigenvalues_A", "eigenvalues_G")
 
     def spectrum_buffers(self):
-        """The tensors that the damped eigenvalues derive from (read from the buffer table directly:
-        the guide's memo asks every block for them three times a step)."""
+        """The tensors that the damped eigenvalues derive from, which stamp the guide's memo."""
         buffers = self._buffers
         return tuple(buffers[name] for name in self.SPECTRUM)
 

@@ -182,9 +182,9 @@ class KFACVI:
         self.iteration += 1
 
     def finite_statistics(self, x, y, with_curvature):
-        """Eqs. (7, 8) and the loss (a number) for fresh weight samples, checked by :meth:`checked_loss` and,
-        under ``on_nonfinite="retry"``, redrawn with a larger damping until finite. The forward pass
-        moves BatchNorm's running statistics: a rejected attempt restores the network's buffers."""
+        """Eqs. (7, 8) and the loss (a number) for fresh weight samples, checked by :meth:`checked_loss`
+        and, under ``on_nonfinite="retry"``, redrawn with a larger damping until finite. The forward
+        pass moves BatchNorm's running statistics: a rejected attempt restores the network's buffers."""
         damping, buffers = self.guide.damping, [b.clone() for b in self.model.buffers()]
         attempts = 1 + (self.max_retries if self.on_nonfinite == "retry" else 0)
         for attempt in range(1, attempts + 1):

@@ -193,6 +193,7 @@ class KroneckerGuide(nn.Module):
                                 lambda: self.compute_spectral_terms(rho, damping, eta))
 
     def compute_spectral_terms(self, rho, damping, eta):
+        """:class:`SpectralTerms` from the current spectra, without the memo."""
         eigenvalues = [block.curvature.eigenvalues(damping) for block in self.blocks]
         if rho == 0:
             return SpectralTerms(eigenvalues)
@@ -262,8 +263,8 @@ class KroneckerGuide(nn.Module):
         eigenbasis coordinates: the bases are orthogonal)."""
         if self.is_point_mass:
             return torch.tensor(math.inf, device=self.blocks[0].eigenbasis_loc.device)
-        norms = torch.stack(torch._foreach_norm(self.means()))
-        return torch.add(self.spectral_terms().kl_constant, torch.dot(norms, norms), alpha=0.5 / self.model.prior_variance)
+        norms, eta = torch.stack(torch._foreach_norm(self.means())), self.model.prior_variance
+        return torch.add(self.spectral_terms().kl_constant, torch.dot(norms, norms), alpha=0.5 / eta)
 
     def log_prior_of_mean(self):
         """log N(μ; 0, ηI), the prior term of the MAP objective (used when ρ = 0); isotropic, so the
