@@ -1,5 +1,7 @@
 """Curvature factors and gradients against brute-force per-example references, and batched
 samples against looped single-sample passes."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,27 @@ def test_factors_equal_brute_force_per_example(net_fn, shape, kfac_approx):
     for (a, g), (a_ref, g_ref) in zip(stats.factors, reference, strict=True):
         torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_channels_last_input_gives_the_same_statistics(kfac_approx, num_samples):
+    """A channels_last batch (NHWC kernels, ``benchmarks/memory_format.py``) gives the loss, gradients
+    and factors of the same batch in NCHW, BatchNorm included."""
+    net = SmallCNN(batchnorm=True)
+    x, y = torch.randn(7, 2, 6, 6), torch.randint(0, 4, (7,))
+    results = []
+    for batch in (x, x.contiguous(memory_format=torch.channels_last)):
+        model, guide, engine = setup(copy.deepcopy(net), rho=0.1, kfac_approx=kfac_approx)
+        torch.manual_seed(2)
+        results.append(engine.statistics(batch, y, guide.sample_eigenbasis_blocks(num_samples)))
+    nchw, channels_last = results
+    torch.testing.assert_close(channels_last.nll, nchw.nll)
+    for g, g_ref in zip(channels_last.grads, nchw.grads, strict=True):
+        torch.testing.assert_close(g, g_ref)
+    for block, reference in zip(channels_last.factors, nchw.factors, strict=True):
+        for f, f_ref in zip(block, reference, strict=True):
+            torch.testing.assert_close(f, f_ref)
 
 
 @pytest.mark.parametrize("num_samples", [1, 3])
