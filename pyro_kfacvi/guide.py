@@ -18,12 +18,13 @@ class SpectralTerms:
     """What the steps need from the damped spectra of all blocks, in block order: the eigenvalues
     of F̂ + γI arranged like each block (the preconditioner of eq. 10), q's standard deviations in
     the eigenbasis S = ρ/√(eigenvalues) (eq. 12) with their sums (Σ log S, Σ S²), and the part of
-    the KL that does not depend on μ, ½[tr Σ/η − D + D log η − log|Σ|] (``None`` for a point mass)."""
+    the KL that does not depend on μ, ½[tr Σ/η − D + D log η − log|Σ|] (S = 0 and an infinite
+    constant for a point mass)."""
 
     eigenvalues: list
-    scales: list = None
-    scale_sums: list = None
-    kl_constant: torch.Tensor = None
+    scales: list
+    scale_sums: list
+    kl_constant: torch.Tensor
 
 
 class PosteriorBlock(nn.Module):
@@ -195,8 +196,6 @@ class KroneckerGuide(nn.Module):
     def compute_spectral_terms(self, rho, damping, eta):
         """:class:`SpectralTerms` from the current spectra, without the memo."""
         eigenvalues = [block.curvature.eigenvalues(damping) for block in self.blocks]
-        if rho == 0:
-            return SpectralTerms(eigenvalues)
         scales = [rho * e.rsqrt() for e in eigenvalues]
         sums = [scale_sums_of(scale) for scale in scales]
         d = sum(scale.numel() for scale in scales)

@@ -430,6 +430,13 @@ def test_moving_the_guide_regathers_its_tensors():
     assert guide.sample_eigenbasis_blocks(2)[0].dtype == torch.float64
 
 
+def test_a_point_mass_has_zero_scales_and_an_infinite_kl():
+    guide = KroneckerGuide(BayesianModel(mlp(), Categorical(), 1.0, 10), rho=0.0)
+    assert all(torch.equal(scale, torch.zeros_like(scale)) for scale, _ in guide.scales())
+    assert guide.kl_to_prior() == float("inf")
+    assert all(torch.equal(draw[0], mean) for draw, mean in zip(guide.sample_eigenbasis_blocks(2), guide.means()))
+
+
 def test_memo_is_bypassed_under_inference_mode():
     guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1)
     with torch.inference_mode():
