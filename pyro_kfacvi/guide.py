@@ -74,6 +74,10 @@ class PosteriorBlock(nn.Module):
         return adapter.split(module, value)
 
 
+def _forget_gathered(guide, incompatible_keys):
+    guide._gathered = None
+
+
 class KroneckerGuide(nn.Module):
     r"""Pyro guide with a Kronecker-factored Gaussian posterior per layer,
 
@@ -120,6 +124,7 @@ class KroneckerGuide(nn.Module):
                 blocks.append(PosteriorBlock(layer, module, adapter, names, split_damping))
         self.blocks = nn.ModuleList(blocks)
         self._gathered = None  # see _gather
+        self.register_load_state_dict_post_hook(_forget_gathered)  # load_state_dict(..., assign=True)
 
     def _apply(self, fn, recurse=True):
         self._gathered = None  # module.to() and the like replace the tensors gathered
@@ -127,8 +132,9 @@ class KroneckerGuide(nn.Module):
 
     def _gather(self):
         """The means (eigenbasis coordinates) and the spectrum buffers of all blocks as two flat lists,
-        gathered once: the engine updates them in place and ``load_state_dict`` copies into them; only
-        :meth:`_apply` (``guide.to(...)``; move the guide as a whole) replaces them."""
+        gathered once: the engine updates them in place and ``load_state_dict`` copies into them; they
+        are gathered again after ``guide.to(...)`` (:meth:`_apply`) and ``guide.load_state_dict``, the
+        ways to replace them (not by assigning a block's buffers)."""
         if self._gathered is None:
             self._gathered = ([block.eigenbasis_loc for block in self.blocks],
                               [t for block in self.blocks for t in block.curvature.spectrum_buffers()])

@@ -420,14 +420,17 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
 
 
 def test_moving_the_guide_regathers_its_tensors():
-    """The guide gathers its means and spectra once; ``guide.to(...)`` replaces those tensors, and the
-    means it hands out (which the engine updates in place) must be the new ones."""
+    """The guide gathers its means and spectra once; ``guide.to(...)`` and ``load_state_dict(...,
+    assign=True)`` replace those tensors, and the means it hands out (which the engine updates in
+    place) must be the new ones."""
     guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2).float(), Categorical(), 1.0, 10), rho=0.1).float()
     assert guide.damped_eigenvalues()[0].dtype == guide.means()[0].dtype == torch.float32
     guide.double()
     assert all(mean is block.eigenbasis_loc for mean, block in zip(guide.means(), guide.blocks, strict=True))
     assert guide.damped_eigenvalues()[0].dtype == guide.scales()[0][0].dtype == torch.float64
     assert guide.sample_eigenbasis_blocks(2)[0].dtype == torch.float64
+    guide.load_state_dict({k: v.clone() for k, v in guide.state_dict().items()}, assign=True)
+    assert all(mean is block.eigenbasis_loc for mean, block in zip(guide.means(), guide.blocks, strict=True))
 
 
 def test_a_point_mass_has_zero_scales_and_an_infinite_kl():
