@@ -16,24 +16,8 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-from step_cost import LR, MOMENTUM, EngineSettings, kfacvi_engine, random_batch
-from pyro_kfacvi.models import LeNet5
-
-
-def sgd_step_fn(x, y, memory_format):
-    """``step_cost.py``'s SGD step with the network's weights in ``memory_format`` too."""
-    torch.manual_seed(0)
-    net = LeNet5().to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
-
-    def step():
-        optimizer.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        optimizer.step()
-
-    return step
+from step_cost import EngineSettings, kfacvi_engine, random_batch, sgd_step_fn
 
 
 def main():
@@ -53,7 +37,7 @@ def main():
         batch = x.contiguous(memory_format=memory_format)
         engine = kfacvi_engine(x.device, args.samples,
                                EngineSettings(args.curvature_every, args.inverse_every, True, args.kfac_approx))
-        candidates[f"sgd {layout}"] = sgd_step_fn(batch, y, memory_format)
+        candidates[f"sgd {layout}"] = sgd_step_fn(x.device, batch, y, memory_format=memory_format)
         candidates[f"kfacvi {layout}"] = (lambda e, b: lambda: e.step(b, y))(engine, batch)
     times, names = {name: [] for name in candidates}, list(candidates)
     for r in range(args.rounds):

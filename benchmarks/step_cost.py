@@ -190,11 +190,12 @@ def accumulated_step_fn(device, x, y, num_samples):
     return sgd_step_fn(device, x, y, micro_batches=num_samples)
 
 
-def sgd_step_fn(device, x, y, micro_batches=1):
+def sgd_step_fn(device, x, y, micro_batches=1, memory_format=torch.contiguous_format):
     """SGD on ``micro_batches`` copies of ``(x, y)``: one forward and backward pass per copy, their
-    gradients summed, one update (the cost does not depend on how the gradients are scaled)."""
+    gradients summed, one update (the cost does not depend on how the gradients are scaled); the
+    network's weights in ``memory_format`` (``benchmarks/memory_format.py``)."""
     torch.manual_seed(0)
-    net = LeNet5().to(device).train()
+    net = LeNet5().to(device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
 
     def step():
