@@ -33,6 +33,10 @@ OPTIMIZERS = {
 FISHERS = ("empirical", "mc")
 
 
+def _invalid(message):
+    raise ValueError(f"invalid TrainConfig: {message}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """All hyperparameters of one training run (see ``KFACVI`` and ``WarmupPolynomialLR``).
@@ -87,55 +91,65 @@ class TrainConfig:
     sample_groups: int | None = None  # S for parallel="both" (default: pyro_kfacvi.distributed.grid)
 
     def __post_init__(self):
-        def bad(message):
-            raise ValueError(f"invalid TrainConfig: {message}")
+        self._check_model()
+        self._check_optimizer()
+        self._check_numbers()
+        self._check_parallel()
 
+    def _check_model(self):
+        """The network: a known model, and LeNet5's widths as two positive integers."""
         if self.model.lower() not in MODELS:
-            bad(f"model {self.model!r} unknown; known models: {', '.join(sorted(MODELS))}")
+            _invalid(f"model {self.model!r} unknown; known models: {', '.join(sorted(MODELS))}")
         if (self.channels is not None or self.hidden is not None) and self.model.lower() != "lenet5":
-            bad("channels/hidden only apply to model 'lenet5'")
+            _invalid("channels/hidden only apply to model 'lenet5'")
         for name in ("channels", "hidden"):
             value = getattr(self, name)
             if value is not None:
                 value = tuple(int(v) for v in value)
                 if len(value) != 2 or min(value) < 1:
-                    bad(f"{name} must be two positive integers, got {value}")
+                    _invalid(f"{name} must be two positive integers, got {value}")
                 object.__setattr__(self, name, value)
+
+    def _check_optimizer(self):
+        """The optimizer and the options that must agree with it."""
         if self.optimizer not in OPTIMIZERS:
-            bad(f"optimizer {self.optimizer!r} unknown; choose from {', '.join(OPTIMIZERS)}")
+            _invalid(f"optimizer {self.optimizer!r} unknown; choose from {', '.join(OPTIMIZERS)}")
         rho = self.rho
         if self.optimizer == "kfac" and rho != 0:
-            bad(f"optimizer 'kfac' needs rho=0, got {rho}")
+            _invalid(f"optimizer 'kfac' needs rho=0, got {rho}")
         if self.optimizer == "kfacvi" and not (rho is not None and rho > 0 and math.isfinite(rho)):
-            bad(f"optimizer 'kfacvi' needs a finite rho > 0, got {rho}")
+            _invalid(f"optimizer 'kfacvi' needs a finite rho > 0, got {rho}")
         if self.optimizer == "noisy-kfac" and rho is not None:
-            bad(f"optimizer 'noisy-kfac' sets rho from kl_weight/N; rho must be None, got {rho}")
+            _invalid(f"optimizer 'noisy-kfac' sets rho from kl_weight/N; rho must be None, got {rho}")
         if self.optimizer == "kfac" and self.mc_samples != 1:
-            bad(f"optimizer 'kfac' draws identical samples; mc_samples must be 1, got {self.mc_samples}")
+            _invalid(f"optimizer 'kfac' draws identical samples; mc_samples must be 1, got {self.mc_samples}")
         if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
-            bad(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {self.weight_decay_mode!r}")
+            _invalid(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {self.weight_decay_mode!r}")
         if self.fisher not in FISHERS:
-            bad(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+            _invalid(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
         if self.kfac_approx not in KFAC_APPROXIMATIONS:
-            bad(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {self.kfac_approx!r}")
+            _invalid(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {self.kfac_approx!r}")
+        if self.damping == 0 and self.optimizer != "noisy-kfac":
+            _invalid(f"optimizer {self.optimizer!r} needs damping > 0 (e.g. 1e-3): F̂ + γI is singular wherever F̂ is")
+
+    def _check_numbers(self):
+        """Rates, factors and counts in their ranges."""
         positive = ("kl_weight", "prior_variance", "base_lr", "lr_scale", "power")
         for name in positive:
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                bad(f"{name} must be positive and finite, got {getattr(self, name)}")
+                _invalid(f"{name} must be positive and finite, got {getattr(self, name)}")
         if not (0 <= self.initial_lr and math.isfinite(self.initial_lr)):
-            bad(f"initial_lr must be >= 0, got {self.initial_lr}")
+            _invalid(f"initial_lr must be >= 0, got {self.initial_lr}")
         if not 0 <= self.momentum < 1:
-            bad(f"momentum must be in [0, 1), got {self.momentum}")
+            _invalid(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 < self.beta <= 1:
-            bad(f"beta must be in (0, 1], got {self.beta}")
+            _invalid(f"beta must be in (0, 1], got {self.beta}")
         if not (self.weight_decay >= 0 and self.damping >= 0):
-            bad("weight_decay and damping must be >= 0")
-        if self.damping == 0 and self.optimizer != "noisy-kfac":
-            bad(f"optimizer {self.optimizer!r} needs damping > 0 (e.g. 1e-3): F̂ + γI is singular wherever F̂ is")
+            _invalid("weight_decay and damping must be >= 0")
         if self.on_nonfinite not in NONFINITE_POLICIES:
-            bad(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+            _invalid(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         if not (self.damping_growth > 1 and math.isfinite(self.damping_growth)):
-            bad(f"damping_growth must be a finite number > 1, got {self.damping_growth}")
+            _invalid(f"damping_growth must be a finite number > 1, got {self.damping_growth}")
         counts = ("warmup_steps", "curvature_every", "inverse_every", "mc_samples", "test_samples",
                   "eval_samples", "train_eval_size", "epochs", "batch_size", "max_retries")
         non_negative = ("warmup_steps", "test_samples", "eval_samples", "max_retries")  # S = 0: the posterior mean
@@ -143,18 +157,21 @@ class TrainConfig:
             value = getattr(self, name)
             low = 0 if name in non_negative else 1
             if isinstance(value, bool) or int(value) != value or value < low:
-                bad(f"{name} must be an integer >= {low}, got {value}")
+                _invalid(f"{name} must be an integer >= {low}, got {value}")
         for name in ("train_subset", "validation"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
-                bad(f"{name} must be None or a positive integer, got {value}")
+                _invalid(f"{name} must be None or a positive integer, got {value}")
+
+    def _check_parallel(self):
+        """The process layout."""
         if self.parallel is not None and self.parallel not in PARALLEL_MODES:
-            bad(f"parallel must be None or one of {PARALLEL_MODES}, got {self.parallel!r}")
+            _invalid(f"parallel must be None or one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.optimizer == "kfac" and self.parallel in ("samples", "both"):
-            bad(f"optimizer 'kfac' draws identical samples on every process; use parallel='data', not {self.parallel!r}")
+            _invalid(f"optimizer 'kfac' draws identical samples on every process; use parallel='data', not {self.parallel!r}")
         if self.sample_groups is not None and (self.parallel != "both" or int(self.sample_groups) != self.sample_groups
                                                or self.sample_groups < 1):
-            bad(f"sample_groups must be a positive integer and needs parallel='both', got {self.sample_groups}")
+            _invalid(f"sample_groups must be a positive integer and needs parallel='both', got {self.sample_groups}")
 
     # ------------------------------------------------------------------------------------
     def replace(self, **changes) -> TrainConfig:

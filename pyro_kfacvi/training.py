@@ -269,35 +269,14 @@ class Trainer:
     def train_epoch(self) -> dict:
         """One pass over the training split (its remaining steps after a mid-epoch checkpoint);
         returns (and records) the epoch's metrics."""
-        cfg, engine = self.config, self.engine
         start = time.perf_counter()
         progress = self.partial_epoch or EpochProgress(self.generator.get_state())
         self.generator.set_state(progress.data_order)  # a resumed epoch redraws the same permutation
-        bar = tqdm(total=self.steps_per_epoch, initial=progress.steps, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=self.steps_per_epoch, initial=progress.steps, desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
         try:
             for x, y in itertools.islice(self.batches(), progress.steps, None):
-                t = engine.iteration
-                lr = engine.hyperparameters(t)[0]
-                try:
-                    loss = engine.step(x, y)
-                except FloatingPointError as exc:
-                    self._diverged(t, lr, str(exc))
-                # the KL (or −log prior) part of the loss, summed without a host synchronisation
-                progress.complexity_sum = progress.complexity_sum + engine.last_complexity
-                if not math.isfinite(loss):
-                    self._diverged(t, lr, f"step returned loss {loss}")
-                progress.loss_sum += loss
-                progress.steps += 1
-                steps = progress.steps
-                if steps % self.probe_every == 1 or self.probe_every == 1:
-                    pred = mean_outputs(self.model, self.guide, x).argmax(-1)
-                    progress.probe_correct += int((pred == y).sum())
-                    progress.probe_count += y.shape[0]
-                bar.update(1)
-                if steps % 10 == 0 or steps == self.steps_per_epoch:
-                    bar.set_postfix(loss=f"{progress.loss_sum / steps:.4f}", acc=f"{progress.probe_accuracy:.3f}",
-                                    lr=f"{lr:.3g}", refresh=False)
+                self._train_step(x, y, progress, bar)
                 self._checkpoint_after_step(progress, start)
         finally:
             bar.close()
@@ -305,20 +284,7 @@ class Trainer:
         self.partial_epoch = None
         if self.parallel is not None:  # BatchNorm's running statistics of all ranks' samples and shards
             self.parallel.average_buffers_(self.model.net)
-        record = {
-            "epoch": self.epoch + 1,
-            "iteration": engine.iteration,
-            "loss": progress.loss_sum / progress.steps,
-            "data_loss": (progress.loss_sum - float(progress.complexity_sum)) / progress.steps,
-            "complexity": float(progress.complexity_sum) / progress.steps,
-            "lr": engine.hyperparameters(engine.iteration - 1)[0],
-            "momentum": engine.hyperparameters(engine.iteration - 1)[1],
-            "probe_train_acc": progress.probe_accuracy,
-        }
-        seed = _eval_seed(cfg.seed, self.epoch)
-        record.update(evaluate(self.model, self.guide, self.train_eval_split, cfg.eval_samples, seed, "train_"))
-        record.update(evaluate(self.model, self.guide, self.data.test, cfg.eval_samples, seed, "test_"))
-        record["train_time"] = train_time
+        record = self._epoch_record(progress, train_time)
         record["time"] = time.perf_counter() - start
         self.elapsed += record["time"]
         record["elapsed"] = self.elapsed
@@ -327,6 +293,52 @@ class Trainer:
         self._say(self.epoch_line(record))
         if self.out_dir is not None:
             self.save()
+        return record
+
+    def _train_step(self, x, y, progress: EpochProgress, bar) -> None:
+        """One engine step on ``(x, y)`` with its bookkeeping: the loss sums, the train-accuracy
+        probe every ``probe_every`` steps, the progress bar; a diverged step raises."""
+        engine = self.engine
+        t = engine.iteration
+        lr = engine.hyperparameters(t)[0]
+        try:
+            loss = engine.step(x, y)
+        except FloatingPointError as exc:
+            self._diverged(t, lr, str(exc))
+        # the KL (or −log prior) part of the loss, summed without a host synchronisation
+        progress.complexity_sum = progress.complexity_sum + engine.last_complexity
+        if not math.isfinite(loss):
+            self._diverged(t, lr, f"step returned loss {loss}")
+        progress.loss_sum += loss
+        progress.steps += 1
+        steps = progress.steps
+        if steps % self.probe_every == 1 or self.probe_every == 1:
+            pred = mean_outputs(self.model, self.guide, x).argmax(-1)
+            progress.probe_correct += int((pred == y).sum())
+            progress.probe_count += y.shape[0]
+        bar.update(1)
+        if steps % 10 == 0 or steps == self.steps_per_epoch:
+            bar.set_postfix(loss=f"{progress.loss_sum / steps:.4f}", acc=f"{progress.probe_accuracy:.3f}",
+                            lr=f"{lr:.3g}", refresh=False)
+
+    def _epoch_record(self, progress: EpochProgress, train_time: float) -> dict:
+        """The epoch's training summary and its evaluation on the train-evaluation and test splits."""
+        cfg, engine = self.config, self.engine
+        lr, momentum = engine.hyperparameters(engine.iteration - 1)
+        record = {
+            "epoch": self.epoch + 1,
+            "iteration": engine.iteration,
+            "loss": progress.loss_sum / progress.steps,
+            "data_loss": (progress.loss_sum - float(progress.complexity_sum)) / progress.steps,
+            "complexity": float(progress.complexity_sum) / progress.steps,
+            "lr": lr,
+            "momentum": momentum,
+            "probe_train_acc": progress.probe_accuracy,
+        }
+        seed = _eval_seed(cfg.seed, self.epoch)
+        record.update(evaluate(self.model, self.guide, self.train_eval_split, cfg.eval_samples, seed, "train_"))
+        record.update(evaluate(self.model, self.guide, self.data.test, cfg.eval_samples, seed, "test_"))
+        record["train_time"] = train_time
         return record
 
     def _checkpoint_after_step(self, progress: EpochProgress, start: float) -> None:
