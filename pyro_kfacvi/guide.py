@@ -261,21 +261,25 @@ class KroneckerGuide(nn.Module):
         """log q of each draw, shape ``(M,)``."""
         return sum(q.log_prob(value) for q, value in zip(self.distributions(), block_samples))
 
+    def mean_squared_norm(self):
+        """‖μ‖² over all blocks, one fused reduction (in eigenbasis coordinates: the bases are orthogonal)."""
+        norms = torch.stack(torch._foreach_norm(self.means()))
+        return torch.dot(norms, norms)
+
     def kl_to_prior(self):
         """KL(q ‖ N(0, ηI)) = ½[(tr Σ + ‖μ‖²)/η − D + D log η − log|Σ|] over all D parameters
         (infinite for a point mass). The terms in Σ change only with the eigenbases and are kept
-        until then (:meth:`spectral_terms`); ‖μ‖² is one fused reduction over the blocks (in
-        eigenbasis coordinates: the bases are orthogonal)."""
+        until then (:meth:`spectral_terms`)."""
         if self.is_point_mass:
             return torch.tensor(math.inf, device=self.blocks[0].eigenbasis_loc.device)
-        norms, eta = torch.stack(torch._foreach_norm(self.means())), self.model.prior_variance
-        return torch.add(self.spectral_terms().kl_constant, torch.dot(norms, norms), alpha=0.5 / eta)
+        eta = self.model.prior_variance
+        return torch.add(self.spectral_terms().kl_constant, self.mean_squared_norm(), alpha=0.5 / eta)
 
     def log_prior_of_mean(self):
-        """log N(μ; 0, ηI), the prior term of the MAP objective (used when ρ = 0); isotropic, so the
-        same in eigenbasis coordinates."""
-        eta = self.model.prior_variance
-        return sum(dist.Normal(0.0, math.sqrt(eta)).log_prob(block.eigenbasis_loc).sum() for block in self.blocks)
+        """log N(μ; 0, ηI) = −½‖μ‖²/η − ½D log(2πη), the prior term of the MAP objective (used when
+        ρ = 0); isotropic, so the same in eigenbasis coordinates."""
+        eta, d = self.model.prior_variance, sum(mean.numel() for mean in self.means())
+        return self.mean_squared_norm() * (-0.5 / eta) - 0.5 * d * math.log(2 * math.pi * eta)
 
     @torch.no_grad()
     def mean_network(self):

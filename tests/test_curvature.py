@@ -440,6 +440,19 @@ def test_a_point_mass_has_zero_scales_and_an_infinite_kl():
     assert all(torch.equal(draw[0], mean) for draw, mean in zip(guide.sample_eigenbasis_blocks(2), guide.means()))
 
 
+def test_log_prior_of_the_mean_equals_the_prior_density_of_the_weights():
+    """log N(μ; 0, ηI) from ‖μ‖² in eigenbasis coordinates, against the prior's log-density summed over
+    the network's weights after a few K-FAC steps (rotated eigenbases, moved means)."""
+    model = BayesianModel(mlp(), Categorical(), 2.0, 10)
+    guide = KroneckerGuide(model, rho=0.0, damping=0.1)
+    engine = KFACVI(model, guide, lr=0.1, momentum=0.9, inverse_every=1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        engine.step(x, y)
+    reference = sum(torch.distributions.Normal(0.0, 2.0**0.5).log_prob(p).sum() for p in guide.mean_network().parameters())
+    torch.testing.assert_close(guide.log_prior_of_mean(), reference)
+
+
 def test_memo_is_bypassed_under_inference_mode():
     guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1)
     with torch.inference_mode():
