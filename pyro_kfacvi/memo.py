@@ -43,5 +43,5 @@ class _Entry:
     value: object
 
     def matches(self, tensors, versions, numbers):
-        return (self.numbers == numbers and self.versions == versions
-                and len(self.tensors) == len(tensors) and all(map(operator.is_, self.tensors, tensors)))
+        # equal version lists have equal lengths: the identity check covers every tensor
+        return self.numbers == numbers and self.versions == versions and all(map(operator.is_, self.tensors, tensors))
