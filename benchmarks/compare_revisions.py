@@ -1,13 +1,13 @@
 """The KFAC-VI step of the library at two or more git revisions, interleaved with SGD in one process.
 
     python benchmarks/compare_revisions.py HEAD~1 HEAD [--threads 1] [--rounds 500] [--samples 1]
-        [--curvature-every K --inverse-every K2] [--kfac-approx reduce]
+        [--curvature-every K --inverse-every K2] [--kfac-approx reduce] [--rho 0]
 
 For performance work on the engine: a change that saves 0.05 SGD steps is invisible when two
 separate runs of ``step_cost.py`` differ by ±0.1 on a shared machine. Here each revision's
 ``pyro_kfacvi`` is exported (``git archive``) into a temporary folder as its own package, every
 candidate gets the same LeNet5 (random CIFAR-10-shaped batch of 64, split damping, ρ = 6e-5 as in
-``step_cost.py``), and the rounds alternate SGD and the candidates step by step (rotating the
+``step_cost.py``, or ``--rho``), and the rounds alternate SGD and the candidates step by step (rotating the
 order). Each revision runs as two engines, built in mirrored order (A B … B A): identical engines
 built one after the other differed by up to 0.04 SGD steps however many rounds ran (where their
 tensors landed in memory, presumably), so the order of building must not favour a revision.
@@ -47,7 +47,7 @@ def engine_step(library, x, y, args):
     """One call: ``curvature_every`` steps of the revision's engine (after one step that refreshes)."""
     torch.manual_seed(0)
     model = library.BayesianModel(LeNet5(), library.Categorical(), PRIOR_VARIANCE, NUM_DATA)
-    guide = library.KroneckerGuide(model, rho=RHO, damping=DAMPING, split_damping=True)
+    guide = library.KroneckerGuide(model, rho=args.rho, damping=DAMPING, split_damping=True)
     engine = library.KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=args.samples,
                             curvature_every=args.curvature_every or NEVER,
                             inverse_every=args.inverse_every or NEVER, kfac_approx=args.kfac_approx)
@@ -65,6 +65,7 @@ def main():
     parser.add_argument("--curvature-every", type=int, help="K (default: curvature only in the first step)")
     parser.add_argument("--inverse-every", type=int, help="K2 (default: eigenbases only in the first step)")
     parser.add_argument("--kfac-approx", default="reduce", choices=["expand", "reduce"])
+    parser.add_argument("--rho", type=float, default=RHO, help=f"ρ (default {RHO}; 0: plain K-FAC, M = 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = random_batch(torch.device("cpu"))
