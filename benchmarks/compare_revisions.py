@@ -86,7 +86,7 @@ def main():
                 candidates[name]()
                 times[name].append((time.perf_counter() - start) / steps)
     print(f"threads {args.threads}, M = {args.samples}, curvature every {args.curvature_every or 'never'}, "
-          f"eigenbases every {args.inverse_every or 'never'}, {args.kfac_approx}; {args.rounds} rounds")
+          f"eigenbases every {args.inverse_every or 'never'}, {args.kfac_approx}, ρ = {args.rho}; {args.rounds} rounds")
     cuts = {name: statistics.quantiles(t, n=20) for name, t in times.items()}  # 5th, 10th, ... percentiles
     for q in (5, 10, 25):
         sgd_time = cuts["sgd"][q // 5 - 1]
