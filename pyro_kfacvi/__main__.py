@@ -1,6 +1,6 @@
-"""``python -m pyro_kfacvi ...`` runs the ``kfacvi`` command line."""
+"""``python -m pyro_kfacvi ...`` runs the ``kfacvi`` command line (:mod:`pyro_kfacvi.experiments.cli`)."""
 import sys
 
-from .cli import main
+from .experiments.cli import main
 
 sys.exit(main())

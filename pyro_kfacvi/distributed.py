@@ -24,14 +24,13 @@ The noise of weight sample i at step t comes from a generator of its own, seeded
 it or which other samples are drawn: R ranks × M samples see exactly the samples 0 … R·M − 1 of
 one process with R·M samples (the tests compare the two to 1e-10 in float64).
 """
-import argparse
 import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .curvature import KroneckerFactors
+from .curvature.estimator import Statistics
 
 __all__ = ["MODES", "Communicator", "ParallelPlan", "draw_weight_samples", "grid", "init_process_group",
            "launched_by_torchrun", "payload_bytes", "stream_seed"]
@@ -49,20 +48,19 @@ def stream_seed(seed, *key):
 
 def draw_weight_samples(guide, seed, step, indices):
     """The weight samples ``indices`` of ``step`` in eigenbasis coordinates, per block
-    ``(len(indices), *block_shape)`` (:meth:`KroneckerGuide.sample_eigenbasis_blocks`).
+    ``(len(indices), *block_shape)`` (:meth:`KroneckerGuide.sample_eigenbasis_blocks
+    <pyro_kfacvi.guides.KroneckerGuide.sample_eigenbasis_blocks>`), the noise of sample i drawn,
+    block after block, from a generator seeded by :func:`stream_seed` ``(seed, step, i)``."""
+    def noise(shapes):
+        device = guide.means()[0].device
+        per_sample = []
+        for index in indices:
+            generator = torch.Generator(device).manual_seed(stream_seed(seed, step, index))
+            per_sample.append([torch.randn(shape[1:], generator=generator, dtype=m.dtype, device=device)
+                               for shape, m in zip(shapes, guide.means())])
+        return [torch.stack(eps) for eps in zip(*per_sample)]
 
-    Sample i is Q_Gᵀ μ Q_A + ε_i ⊙ S (:meth:`KroneckerGuide.eigenbasis_draws`) with ε_i drawn, block
-    after block, from a generator seeded by :func:`stream_seed` ``(seed, step, i)``."""
-    if guide.is_point_mass:
-        return guide.sample_eigenbasis_blocks(len(indices))
-    means = guide.means()
-
-    def noise(index):
-        generator = torch.Generator(means[0].device).manual_seed(stream_seed(seed, step, index))
-        return [torch.randn(m.shape, generator=generator, dtype=m.dtype, device=m.device) for m in means]
-
-    per_sample = [noise(index) for index in indices]
-    return guide.eigenbasis_draws([torch.stack(eps) for eps in zip(*per_sample)])
+    return guide.sample_eigenbasis_blocks(len(indices), noise=noise)
 
 
 def grid(mode, world_size, sample_groups=None):
@@ -154,15 +152,15 @@ class ParallelPlan:
         first = self.sample_group * num_samples
         return draw_weight_samples(guide, self.seed, step, range(first, first + num_samples))
 
-    def sum_statistics(self, nll, grads, factors, count):
-        """Sums over all ranks of the step's NLL, gradients, factors (``None`` when curvature is not
-        refreshed) and (sample, example) count, in one all-reduce."""
-        factor_list = [f for fs in factors or () for f in fs]
-        total = self.communicator.all_reduce_sum([nll.reshape(1), nll.new_full((1,), count), *grads, *factor_list])
-        summed_factors = iter(total[2 + len(grads):])
-        if factors is not None:
-            factors = [tuple(next(summed_factors) for _ in fs) for fs in factors]
-        return total[0][0], total[2:2 + len(grads)], factors, total[1][0]
+    def sum_statistics(self, stats):
+        """The :class:`~pyro_kfacvi.curvature.Statistics` (sums) of every rank added up: NLL,
+        gradients, factors (if computed) and the (sample, example) count, in one all-reduce."""
+        tensors = stats.tensors()
+        total = self.communicator.all_reduce_sum([stats.nll.reshape(1), stats.nll.new_full((1,), stats.count),
+                                                  *tensors])
+        summed = iter(total[2 + len(stats.grads):])
+        factors = None if stats.factors is None else [tuple(next(summed) for _ in fs) for fs in stats.factors]
+        return Statistics(total[0][0], total[2:2 + len(stats.grads)], factors, total[1][0])
 
     def global_batch_size(self, batch_size, num_examples):
         """D·B, the minibatch that the D data shards of B examples split. A last minibatch of an
@@ -223,30 +221,8 @@ def payload_bytes(guide, with_curvature=True):
     at a curvature refresh, A (d_in²) and G (d_out²) — or the diagonal (d) for BatchNorm; plus
     ``"(NLL, count)"``, two scalars per step."""
     def numel(block):
-        curvature = block.curvature
-        factors = (curvature.A, curvature.G) if isinstance(curvature, KroneckerFactors) else (curvature.diagonal,)
-        return block.eigenbasis_loc.numel() + (sum(f.numel() for f in factors) if with_curvature else 0)
+        factors = sum(f.numel() for f in block.curvature.factors()) if with_curvature else 0
+        return block.eigenbasis_loc.numel() + factors
 
     size = guide.blocks[0].eigenbasis_loc.element_size()
     return {**{block.name: numel(block) * size for block in guide.blocks}, "(NLL, count)": 2 * size}
-
-
-def main(argv=None):
-    """``python -m pyro_kfacvi.distributed --preset NAME``: the all-reduce payload per layer."""
-    from .presets import PRESETS, build
-
-    parser = argparse.ArgumentParser(prog="python -m pyro_kfacvi.distributed", description=main.__doc__)
-    parser.add_argument("--preset", default="lenet5-kfacvi", choices=sorted(PRESETS))
-    config = PRESETS[parser.parse_args(argv).preset]
-    _, guide, _ = build(config, num_data=50_000, steps_per_epoch=1)
-    with_curvature, gradients_only = payload_bytes(guide), payload_bytes(guide, with_curvature=False)
-    print(f"{config.model}: bytes all-reduced per step and rank (float32)")
-    shapes = {block.name: "x".join(map(str, block.eigenbasis_loc.shape)) for block in guide.blocks}
-    print(f"{'layer':<14}{'block':>12}{'gradients':>12}{'+ A and G':>12}")
-    for name, size in with_curvature.items():
-        print(f"{name:<14}{shapes.get(name, ''):>12}{gradients_only[name]:>12,}{size:>12,}")
-    print(f"{'total':<14}{'':>12}{sum(gradients_only.values()):>12,}{sum(with_curvature.values()):>12,}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Per-layer extensions (in the spirit of BackPACK): how a supported module runs with M sampled
-weights at once, and which curvature statistics it records on the way.
+weights at once, and what it hands the curvature recorder on the way.
 
 The network is run on a *sample-stacked* batch: the input ``x`` of shape ``(B, ...)`` is repeated
 to ``(M·B, ...)`` so that rows ``s·B .. (s+1)·B - 1`` belong to weight sample ``s``. Parameter-free
@@ -22,28 +22,16 @@ the autograd graph, so that the backward pass returns the gradient in the eigenb
 or, for a ``Linear`` layer that sees few rows per sample for its size, never forms W̃ at all and
 computes x W̃ᵀ = ((x̃ Q_A) Zᵀ) Q_Gᵀ (:meth:`LinearAdapter.runs_in_eigenbasis`).
 
-A layer whose weights are shared over T positions per example (a convolution's output
-positions, a ``Linear`` applied to a sequence) has two Kronecker factorisations of the per-datum
-Fisher (Eschenhagen et al. 2023, "Kronecker-Factored Approximate Curvature for Modern Neural
-Network Architectures"), chosen by the :class:`Recorder`'s ``kfac_approx``:
-
-* ``"expand"`` (KFC, Grosse & Martens 2016; the paper's): A = E_n[(1/T) Σ_t ã_t ã_tᵀ],
-  G = E_n[Σ_t g_t g_tᵀ] — d_in² multiply-adds per position;
-* ``"reduce"``: A = E_n[ā āᵀ] with ā = (1/T) Σ_t ã_t, G = E_n[ĝ ĝᵀ] with ĝ = Σ_t g_t —
-  d_in² per example, T times cheaper.
-
-Both coincide for T = 1 (a ``Linear`` on ``(B, d_in)``).
+While the pass runs, a :class:`~pyro_kfacvi.curvature.capture.Recorder` (if given) receives
+what each layer meets — inputs and outputs — for the curvature statistics of eq. (8); what it
+computes from them lives in :mod:`pyro_kfacvi.curvature`.
 """
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
 @dataclass
@@ -62,51 +50,6 @@ class EigenbasisBlock:
     def without_sample_dim(self):
         """The block of the only sample, Z of shape ``(d_out, d_in)``."""
         return EigenbasisBlock(self.values.squeeze(0), self.basis_out, self.basis_in)
-
-
-class Recorder:
-    """Collects the per-block sums of eq. (8) over one sampled forward pass and the backward pass
-    that follows: the input side (A, Σ ã ãᵀ) as the forward pass meets each layer, the output side
-    (G, Σ g gᵀ, or a diagonal block's Σ of per-example squared gradients) from the gradient w.r.t.
-    the layer output, by a hook during the backward pass — the gradient is then freed as in any
-    backward pass instead of being returned and held for all layers at once. Hooks record only
-    while :attr:`capturing` (a backward pass for other gradients, e.g. the weights' under the MC
-    Fisher, sets it to ``False``). K-FAC-reduce factors for weight-shared layers if ``reduce``, else
-    K-FAC-expand."""
-
-    def __init__(self, reduce=False):
-        self.reduce, self.capturing = reduce, True
-        self.recorded, self.input_sums, self.output_sums = set(), {}, {}
-
-    def record(self, name, output, output_sum, input_sum=None):
-        """Record block ``name``'s input sum, if any, and ``output_sum``, which maps the gradient w.r.t.
-        the layer ``output`` (a fresh tensor or a reshaped view of one) to the block's output-side sum:
-        the gradient w.r.t. ``output`` as the layer returned it, even if a later operation modifies it
-        in place (e.g. ``ReLU(inplace=True)``). A layer called twice in one pass raises ``ValueError``,
-        one run without autograd (``torch.no_grad``, reentrant activation checkpointing) ``RuntimeError``."""
-        if not output.requires_grad:
-            raise RuntimeError(f"layer '{name}' ran without autograd (inside torch.no_grad() or a reentrant "
-                               "torch.utils.checkpoint): its curvature needs the gradient w.r.t. its output")
-        if name in self.recorded:
-            raise ValueError(f"layer '{name}' ran more than once in one forward pass: eq. (8) takes one input and "
-                             "one output per layer and example, so a module whose weights are shared between calls "
-                             "is not supported; give each call its own module")
-        self.recorded.add(name)
-        if input_sum is not None:
-            self.input_sums[name] = input_sum
-        # the hook goes on the tensor the layer computed: a reshaped view of it (BatchNorm's output, a
-        # batched product's) would lose the hook if a later in-place operation rewrote the view
-        computed = output if output._base is None else output._base
-        computed.register_hook(functools.partial(self._capture, name, output_sum, output.shape))
-
-    def _capture(self, name, output_sum, shape, grad):
-        if self.capturing:
-            self.output_sums[name] = output_sum(grad.reshape(shape))
-
-    def factors(self, name):
-        """The sums of eq. (8) of block ``name``: ``(Σ ã ãᵀ, Σ g gᵀ)`` or ``(Σ per-example gradient²,)``."""
-        output_sum = self.output_sums[name]
-        return (self.input_sums[name], output_sum) if name in self.input_sums else (output_sum,)
 
 
 class SampledPass:
@@ -139,11 +82,6 @@ class Adapter:
     @staticmethod
     def check(name, module):
         """Raise ``ValueError`` for a configuration of the module that the adapter cannot run."""
-
-
-def homogeneous_columns(rows, homogeneous):
-    """Rows ``(n, d)`` as columns ``(d, n)``, with a last row of ones (ã = [a, 1]) if ``homogeneous``."""
-    return (F.pad(rows, (0, 1), value=1.0) if homogeneous else rows).T
 
 
 class KroneckerAdapter(Adapter):
@@ -194,47 +132,15 @@ class KroneckerAdapter(Adapter):
         """``params`` as ``{"weight": ..., "bias": ...}``: an :class:`EigenbasisBlock` turned into weights."""
         return self.split(module, params.weights()) if isinstance(params, EigenbasisBlock) else params
 
-    def record(self, module, sampled, name, x, out):
-        """Record ``out`` and Σ_n of the input factor A (eq. 8) for the layer input ``x``: one product
-        of the homogeneous input columns ã = [a, 1] (one allocation of A's size, scaled in place); the
-        rows of the first layer are shared by the M samples and counted M times."""
-        rows, repeats = sampled.input_statistics(x)
-        reduce = sampled.recorder.reduce
-        columns, positions = self.input_columns(module, rows, reduce, homogeneous=module.bias is not None)
-        outer, scale = columns @ columns.T, repeats if reduce else repeats / positions
-        sampled.recorder.record(name, out, functools.partial(self.output_outer, reduce=reduce),
-                                input_sum=outer if scale == 1 else outer.mul_(scale))
-
     @staticmethod
-    def output_outer(grad, reduce=False):
-        """Σ over examples of Σ_t g_t g_tᵀ, or of ĝ ĝᵀ with ĝ = Σ_t g_t if ``reduce``; ``grad`` of
-        shape ``(n, d_out, *positions)``."""
-        if reduce:
-            g = grad.flatten(2).sum(2).T
-        else:
-            g = grad.transpose(0, 1).reshape(grad.shape[1], -1)
-        return g @ g.T
+    def record(sampled, name, module, x, out):
+        """Hand the recorder, if any, the layer input ``x`` (its distinct rows) and output ``out``."""
+        if sampled.recorder is not None:
+            rows, repeats = sampled.input_statistics(x)
+            sampled.recorder.record_kronecker(name, module, rows, repeats, out)
 
 
 class LinearAdapter(KroneckerAdapter):
-    @staticmethod
-    def output_outer(grad, reduce=False):
-        """Σ over examples of Σ_t g_t g_tᵀ, or of ĝ ĝᵀ with ĝ = Σ_t g_t if ``reduce``; ``grad`` of
-        shape ``(n, *positions, d_out)``."""
-        per_example = grad.reshape(grad.shape[0], -1, grad.shape[-1])
-        g = per_example.sum(1) if reduce and per_example.shape[1] > 1 else grad.reshape(-1, grad.shape[-1])
-        return g.T @ g
-
-    @staticmethod
-    def input_columns(module, x, reduce=False, homogeneous=False):
-        """The inputs a_t of every example and position as columns ``(d_in, B·T)``, or their means
-        over the positions, ``(d_in, B)``, if ``reduce``; with a last row of ones (ã = [a, 1]) if
-        ``homogeneous``; and T."""
-        per_example = x.reshape(x.shape[0], -1, module.in_features)
-        positions = per_example.shape[1]  # with one, expand and reduce coincide
-        rows = per_example.mean(1) if reduce and positions > 1 else per_example.reshape(-1, module.in_features)
-        return homogeneous_columns(rows, homogeneous), positions
-
     @staticmethod
     def runs_in_eigenbasis(module, rows):
         """Whether x W̃ᵀ costs fewer multiply-adds as ((x̃ Q_A) Zᵀ) Q_Gᵀ, rows·(d_in² + d_out²) per
@@ -253,8 +159,7 @@ class LinearAdapter(KroneckerAdapter):
             params = self.weight_params(module, params)
             out = self.apply_weights(x if shared is None else shared, x.shape[:-1], params["weight"],
                                      params.get("bias"), num_samples, shared is not None)
-        if sampled.recorder is not None:
-            self.record(module, sampled, name, x, out)
+        self.record(sampled, name, module, x, out)
         return out
 
     @staticmethod
@@ -280,17 +185,13 @@ class LinearAdapter(KroneckerAdapter):
         return out.reshape(*lead, -1)
 
 
-@functools.lru_cache(maxsize=64)
-def window_selection(n, kernel, dilation, stride, padding, device, dtype):
-    """Along one input dimension of length n (zero-padded by ``padding``), the ``(kernel, n)`` 0/1
-    matrix S whose row i marks the entries that kernel offset i covers over all T output positions
-    — entry r where r + padding − i·dilation = t·stride for some 0 ≤ t < T — and T. Summing the
-    input over the positions of every offset is then a product with S (kept: a layer meets the same
-    shapes every step; made outside inference mode, so that a cached S can enter autograd)."""
-    positions = (n + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    with torch.inference_mode(False):
-        shift = torch.arange(n, device=device) + padding - dilation * torch.arange(kernel, device=device)[:, None]
-        return ((shift >= 0) & (shift % stride == 0) & (shift < positions * stride)).to(dtype), positions
+def conv_padding(module):
+    """A ``Conv2d``'s padding as two numbers (``"valid"`` and ``"same"`` resolved)."""
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        return tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+    return module.padding
 
 
 class Conv2dAdapter(KroneckerAdapter):
@@ -306,51 +207,8 @@ class Conv2dAdapter(KroneckerAdapter):
             if any(d * (k - 1) % 2 for k, d in zip(module.kernel_size, module.dilation)):
                 raise ValueError(f"layer '{name}': padding='same' with an even effective kernel is not supported")
 
-    @staticmethod
-    def numeric_padding(module):
-        if module.padding == "valid":
-            return (0, 0)
-        if module.padding == "same":
-            return tuple(d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
-        return module.padding
-
     def conv(self, module, x, weight, bias, groups=1):
-        return F.conv2d(x, weight, bias, module.stride, self.numeric_padding(module), module.dilation, groups)
-
-    def input_windows(self, module, x):
-        """The input patch of every output position as a strided view of ``x`` (no copy),
-        shape ``(B, C, H', W', kh, kw)``."""
-        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-        ph, pw = self.numeric_padding(module)
-        windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        return windows[..., ::dh, ::dw]
-
-    def input_columns(self, module, x, reduce=False, homogeneous=False):
-        """The input patches a_t of every example and output position t as columns, shape
-        ``(C·kh·kw, B·T)`` (im2col through :meth:`input_windows` and a single copy), or their
-        means over the positions, ``(C·kh·kw, B)``, if ``reduce`` (:meth:`mean_patches`); with a last
-        row of ones (ã = [a, 1]) if ``homogeneous``; and T. Rows are ordered like ``weight.reshape(out, -1)``."""
-        if reduce:
-            means, positions = self.mean_patches(module, x)
-            return homogeneous_columns(means.reshape(x.shape[0], -1), homogeneous), positions
-        patches = self.input_windows(module, x).permute(1, 4, 5, 0, 2, 3)  # (C, kh, kw, B, H', W')
-        channels, count = patches.shape[:3].numel(), patches.shape[3:].numel()
-        columns = x.new_empty(channels + homogeneous, count)
-        columns[:channels].view(patches.shape).copy_(patches)
-        columns[channels:] = 1
-        return columns, patches.shape[4] * patches.shape[5]
-
-    def mean_patches(self, module, x):
-        """The mean input patch ā = (1/T) Σ_t a_t of every example, shape ``(B, C, kh, kw)``, and T:
-        ā = S_h x S_wᵀ / T with the selection matrices of :func:`window_selection` for the rows and
-        the columns — two matrix products over the input for any stride, dilation and padding
-        (faster than the mean of :meth:`input_windows`, ``benchmarks/conv_strategies.py``)."""
-        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-        ph, pw = self.numeric_padding(module)
-        rows, row_positions = window_selection(x.shape[2], kh, dh, sh, ph, x.device, x.dtype)
-        columns, column_positions = window_selection(x.shape[3], kw, dw, sw, pw, x.device, x.dtype)
-        positions = row_positions * column_positions
-        return rows @ (x @ columns.T) / positions, positions
+        return F.conv2d(x, weight, bias, module.stride, conv_padding(module), module.dilation, groups)
 
     def sampled_conv(self, module, x, weight, bias, num_samples):
         """Sample s's weights on sample s's rows: one grouped convolution on CUDA; on CPU, where
@@ -373,8 +231,7 @@ class Conv2dAdapter(KroneckerAdapter):
             out = out.unflatten(1, (num_samples, -1)).transpose(0, 1).flatten(0, 1)
         else:
             out = self.sampled_conv(module, x, weight, bias, num_samples)
-        if sampled.recorder is not None:
-            self.record(module, sampled, name, x, out)
+        self.record(sampled, name, module, x, out)
         return out
 
 
@@ -431,16 +288,8 @@ class BatchNormAdapter(Adapter):
             out = normalized * params["weight"][:, None, :, None] + params["bias"][:, None, :, None]
         out = out.reshape(x.shape)
         if recorder is not None and module.affine:
-            normalized = normalized.detach().reshape(x.shape)
-            recorder.record(name, out, lambda grad: self.per_example_gradients(normalized, grad).pow(2).sum(0))
+            recorder.record_diagonal(name, normalized.reshape(x.shape), out)
         return out
-
-    @staticmethod
-    def per_example_gradients(normalized, grad):
-        """Per-example gradients of [γ, β], shape ``(n, 2C)``: Σ_positions g·x̂ and Σ_positions g."""
-        n, c = grad.shape[:2]
-        g = grad.reshape(n, c, -1)
-        return torch.cat([(g * normalized.reshape(n, c, -1)).sum(-1), g.sum(-1)], 1)
 
 
 ADAPTERS = (

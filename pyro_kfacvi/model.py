@@ -9,13 +9,6 @@ from torch import nn
 from .layers import find_layers, run_sampled
 
 
-def all_finite(tensors, norms):
-    """Whether every entry of every tensor is finite, given their 2-norms as numbers (NaN and ±Inf
-    propagate through a norm, e.g. ``torch._foreach_norm``'s, one fused reduction for all): only a
-    tensor whose norm is not finite (a non-finite entry, or an overflow) is checked entry by entry."""
-    return all(math.isfinite(norm) or bool(torch.isfinite(t).all()) for t, norm in zip(tensors, norms, strict=True))
-
-
 class BayesianModel(nn.Module):
     r"""The Pyro model
 

@@ -35,7 +35,7 @@ class Predictive:
     def outputs(self, x):
         """Raw network outputs for S posterior samples, shape ``(S, N, ...)``."""
         self.model.check_batch(x)
-        num = 1 if self.guide.is_point_mass else self.num_samples
+        num = self.guide.distinct_draws(self.num_samples)
         draws = self.guide.sample_blocks(num)  # as weights, formed once: every data batch reuses them
         batch_size, chunk = self.pass_shape(x, num)
         training = self.model.training

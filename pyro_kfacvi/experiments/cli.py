@@ -12,6 +12,8 @@ baseline of :mod:`pyro_kfacvi.baselines` (every :class:`~pyro_kfacvi.baselines.B
 field has a flag). ``kfacvi analyze --checkpoint PATH --out DIR`` runs the uncertainty analysis of
 :mod:`pyro_kfacvi.analysis` on either kind of checkpoint: ``DIR/report.json`` and PNG figures.
 
+``kfacvi payload --preset NAME`` prints the bytes one step all-reduces per layer under ``--parallel``.
+
 ``torchrun --nproc_per_node=N -m pyro_kfacvi train --preset NAME --parallel samples|data|both``
 trains with N processes (docs/distributed.md); ``--device cuda`` gives each its ``cuda:LOCAL_RANK``.
 
@@ -29,15 +31,17 @@ import types
 import typing
 from pathlib import Path
 
+from ..curvature import FISHER_TYPES, KFAC_APPROXIMATIONS
+from ..distributed import MODES, init_process_group, launched_by_torchrun, payload_bytes
+from ..engine import NONFINITE_POLICIES, WEIGHT_DECAY_MODES
 from .baselines import METHODS, BaselineConfig
-from .distributed import MODES, init_process_group, launched_by_torchrun
-from .engine import NONFINITE_POLICIES
-from .layers import KFAC_APPROXIMATIONS
-from .presets import FISHERS, OPTIMIZERS, PRESETS, TrainConfig
+from .checkpoints import CheckpointError, atomic_write
+from .models import MODELS
+from .presets import OPTIMIZERS, PRESETS, TrainConfig, build
 
-_CHOICES = {"optimizer": tuple(OPTIMIZERS), "fisher": FISHERS, "method": tuple(METHODS), "parallel": MODES,
+_CHOICES = {"optimizer": tuple(OPTIMIZERS), "fisher": FISHER_TYPES, "method": tuple(METHODS), "parallel": MODES,
             "on_nonfinite": NONFINITE_POLICIES, "kfac_approx": KFAC_APPROXIMATIONS,
-            "weight_decay_mode": ("coupled", "decoupled", "literal"), "model": ("lenet5", "resnet18")}
+            "weight_decay_mode": WEIGHT_DECAY_MODES, "model": tuple(sorted(MODELS))}
 
 
 def _optional(parse, name):
@@ -112,11 +116,11 @@ def config_from_args(args) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kfacvi", description="Natural-gradient VI with Kronecker-factored "
+    parser = argparse.ArgumentParser(prog="kfacvi", allow_abbrev=False, description="Natural-gradient VI with Kronecker-factored "
                                      "Gaussian posteriors (K-FAC, KFAC-VI, Noisy K-FAC) on CIFAR-10.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a preset")
+    train = sub.add_parser("train", help="train a preset", allow_abbrev=False)
     train.add_argument("--preset", choices=sorted(PRESETS), help="configuration to start from")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     train.add_argument("--out", metavar="DIR", help="run folder (default: runs/PRESET-TIMESTAMP)")
@@ -125,18 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     add_config_overrides(train)
 
-    ev = sub.add_parser("evaluate", help="Monte Carlo test metrics of a checkpoint (JSON on stdout)")
+    ev = sub.add_parser("evaluate", help="Monte Carlo test metrics of a checkpoint (JSON on stdout)",
+                        allow_abbrev=False)
     ev.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt or its run folder")
     ev.add_argument("--test-samples", type=int, metavar="S", help="posterior samples (default: the run's)")
     ev.add_argument("--output", metavar="FILE", help="also write the JSON here (default: RUN/evaluation-S<S>.json)")
     _common(ev)
 
-    base = sub.add_parser("baseline", help="train a baseline (Adam, SGD, MC dropout, mean-field SVI)")
+    base = sub.add_parser("baseline", help="train a baseline (Adam, SGD, MC dropout, mean-field SVI)",
+                          allow_abbrev=False)
     base.add_argument("--out", required=True, metavar="DIR", help="run folder")
     _common(base)
     add_config_overrides(base, BaselineConfig)
 
-    an = sub.add_parser("analyze", help="calibration, dataset shift and OOD analysis of a checkpoint")
+    an = sub.add_parser("analyze", help="calibration, dataset shift and OOD analysis of a checkpoint",
+                        allow_abbrev=False)
     an.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt or its run folder")
     an.add_argument("--out", required=True, metavar="DIR", help="folder for report.json and the figures")
     an.add_argument("--test-samples", type=int, metavar="S", help="posterior samples (default: the run's)")
@@ -148,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: $KFACVI_FASHION_MNIST, else the Debian package's; skipped if absent)")
     _common(an)
 
-    sub.add_parser("presets", help="list the presets as JSON")
+    sub.add_parser("presets", help="list the presets as JSON", allow_abbrev=False)
+    payload = sub.add_parser("payload", help="bytes all-reduced per step and layer under --parallel",
+                             allow_abbrev=False)
+    payload.add_argument("--preset", default="lenet5-kfacvi", choices=sorted(PRESETS))
     return parser
 
 
@@ -229,7 +239,8 @@ def _train(args, parser) -> int:
 
 
 def cmd_evaluate(args, parser) -> int:
-    from .training import Trainer, _atomic_write, _eval_seed, evaluate
+    from .evaluation import eval_seed, evaluate
+    from .training import Trainer
 
     _setup(args)
     trainer = Trainer.from_checkpoint(args.checkpoint, _load_data(args))
@@ -240,7 +251,7 @@ def cmd_evaluate(args, parser) -> int:
     result = {"checkpoint": str(args.checkpoint), "epoch": trainer.epoch, "iteration": trainer.engine.iteration,
               "test_samples": samples}
     result.update(evaluate(trainer.model, trainer.guide, trainer.data.test, samples,
-                           _eval_seed(trainer.config.seed, None), "test_"))
+                           eval_seed(trainer.config.seed, None), "test_"))
     result["eval_time"] = time.perf_counter() - start
     text = json.dumps(result, indent=2)
     print(text)
@@ -248,7 +259,7 @@ def cmd_evaluate(args, parser) -> int:
     run_dir = path if path.is_dir() else path.parent
     output = Path(args.output) if args.output else run_dir / f"evaluation-S{samples}.json"
     try:
-        _atomic_write(output, lambda f: f.write((text + "\n").encode()))
+        atomic_write(output, lambda f: f.write((text + "\n").encode()))
     except OSError as exc:
         print(f"kfacvi: warning: could not write {output}: {exc}", file=sys.stderr)
     return 0
@@ -285,14 +296,29 @@ def cmd_analyze(args, parser) -> int:
     return 0
 
 
+def cmd_payload(args) -> int:
+    """The all-reduce payload per layer of a preset's network (docs/distributed.md)."""
+    config = PRESETS[args.preset]
+    _, guide, _ = build(config, num_data=50_000, steps_per_epoch=1)
+    with_curvature, gradients_only = payload_bytes(guide), payload_bytes(guide, with_curvature=False)
+    print(f"{config.model}: bytes all-reduced per step and rank (float32)")
+    shapes = {block.name: "x".join(map(str, block.eigenbasis_loc.shape)) for block in guide.blocks}
+    print(f"{'layer':<14}{'block':>12}{'gradients':>12}{'+ A and G':>12}")
+    for name, size in with_curvature.items():
+        print(f"{name:<14}{shapes.get(name, ''):>12}{gradients_only[name]:>12,}{size:>12,}")
+    print(f"{'total':<14}{'':>12}{sum(gradients_only.values()):>12,}{sum(with_curvature.values()):>12,}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "presets":
         print(json.dumps({name: cfg.to_dict() for name, cfg in PRESETS.items()}, indent=2))
         return 0
+    if args.command == "payload":
+        return cmd_payload(args)
     from .data import DataError
-    from .training import CheckpointError
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline, "analyze": cmd_analyze}
     try:
         return commands[args.command](args, parser)

@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .training import _atomic_write
+from .checkpoints import atomic_write
 
 __all__ = ["comparison_figure", "confidence_figure", "entropy_figure", "reliability_figure", "save_figures",
            "shift_figure"]
@@ -113,7 +113,7 @@ def save_figures(report, out_dir, title=""):
         fig = draw(report, title)
         fig.tight_layout()
         path = Path(out_dir) / name
-        _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
         paths.append(path)
     return paths
 

@@ -13,24 +13,23 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .distributed import MODES as PARALLEL_MODES
-from .engine import KFACVI, NONFINITE_POLICIES, WEIGHT_DECAY_MODES
-from .guide import KroneckerGuide
-from .layers import KFAC_APPROXIMATIONS
-from .likelihoods import Categorical
-from .model import BayesianModel
+from ..curvature import FISHER_TYPES, KFAC_APPROXIMATIONS, CurvatureConfig
+from ..distributed import MODES as PARALLEL_MODES
+from ..engine import KFACVI, NONFINITE_POLICIES, WEIGHT_DECAY_MODES, Retry
+from ..guides import KroneckerDelta, KroneckerNormal
+from ..likelihoods import Categorical
+from ..model import BayesianModel
+from ..schedules import WarmupPolynomialLR
 from .models import MODELS, build_model
-from .schedules import WarmupPolynomialLR
 
-__all__ = ["OPTIMIZERS", "PRESETS", "TrainConfig", "build", "build_schedule", "effective_warmup"]
+__all__ = ["OPTIMIZERS", "PRESETS", "TrainConfig", "build", "build_guide", "build_schedule", "effective_warmup"]
 
-#: optimizer kind → what it means for the guide's ρ.
+#: the CLI's optimizer words → the guide family they train (:func:`build_guide`).
 OPTIMIZERS = {
-    "kfac": "rho = 0: point mass at the mean (plain K-FAC, MAP)",
-    "kfacvi": "rho > 0: KFAC-VI, Σ = ρ²(F̂ + γI)⁻¹ with a free temperature ρ",
-    "noisy-kfac": "rho = None: ELBO-exact Noisy K-FAC, ρ² = kl_weight/N (Zhang et al. 2018)",
+    "kfac": "KroneckerDelta: a point mass at the mean (plain K-FAC, MAP); takes no rho",
+    "kfacvi": "KroneckerNormal(rho=ρ): the paper's KFAC-VI, Σ = ρ²(F̂ + γI)⁻¹ with a fixed ρ > 0",
+    "noisy-kfac": "KroneckerNormal(rho=None): ELBO-exact Noisy K-FAC, Σ = (κ/N)(F̂ + κ/(Nη) I)⁻¹ (Zhang et al. 2018)",
 }
-FISHERS = ("empirical", "mc")
 
 
 def _invalid(message):
@@ -51,8 +50,8 @@ class TrainConfig:
     #: LeNet5 hidden units (h1, h2); ``None``: the network's default (120, 84).
     hidden: tuple[int, ...] | None = None
     # posterior / optimizer
-    optimizer: str = "kfacvi"  # "kfac" (rho=0) | "kfacvi" (rho>0) | "noisy-kfac" (rho=None)
-    rho: float | None = 6e-5  # ρ
+    optimizer: str = "kfacvi"  # "kfac" | "kfacvi" | "noisy-kfac" (OPTIMIZERS)
+    rho: float | None = 6e-5  # ρ of "kfacvi"; None for the other two
     kl_weight: float = 1.0
     prior_variance: float = 1.0  # η
     initial_lr: float = 9e-7  # α⁽⁰⁾
@@ -115,18 +114,17 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             _invalid(f"optimizer {self.optimizer!r} unknown; choose from {', '.join(OPTIMIZERS)}")
         rho = self.rho
-        if self.optimizer == "kfac" and rho != 0:
-            _invalid(f"optimizer 'kfac' needs rho=0, got {rho}")
         if self.optimizer == "kfacvi" and not (rho is not None and rho > 0 and math.isfinite(rho)):
             _invalid(f"optimizer 'kfacvi' needs a finite rho > 0, got {rho}")
-        if self.optimizer == "noisy-kfac" and rho is not None:
-            _invalid(f"optimizer 'noisy-kfac' sets rho from kl_weight/N; rho must be None, got {rho}")
+        if self.optimizer != "kfacvi" and rho is not None:
+            _invalid(f"optimizer {self.optimizer!r} takes no rho (its posterior scale is fixed by the family: "
+                     f"{OPTIMIZERS[self.optimizer]}), got rho={rho}")
         if self.optimizer == "kfac" and self.mc_samples != 1:
             _invalid(f"optimizer 'kfac' draws identical samples; mc_samples must be 1, got {self.mc_samples}")
         if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
             _invalid(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {self.weight_decay_mode!r}")
-        if self.fisher not in FISHERS:
-            _invalid(f"fisher must be one of {FISHERS}, got {self.fisher!r}")
+        if self.fisher not in FISHER_TYPES:
+            _invalid(f"fisher must be one of {FISHER_TYPES}, got {self.fisher!r}")
         if self.kfac_approx not in KFAC_APPROXIMATIONS:
             _invalid(f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {self.kfac_approx!r}")
         if self.damping == 0 and self.optimizer != "noisy-kfac":
@@ -175,23 +173,13 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------
     def replace(self, **changes) -> TrainConfig:
-        """A copy with ``changes``. Changing ``rho`` alone picks the matching optimizer
-        (0 → kfac, None → noisy-kfac, > 0 → kfacvi); changing ``optimizer`` alone picks a
-        matching ``rho`` (kfac → 0, noisy-kfac → None, kfacvi → the preset's ρ if positive)
-        and, for kfac, ``mc_samples=1`` unless given."""
+        """A copy with ``changes``. Changing ``optimizer`` away from ``"kfacvi"`` drops ``rho``
+        (the other families take none) and, for ``"kfac"``, sets ``mc_samples=1`` unless given."""
         changes = dict(changes)
-        if "rho" in changes and "optimizer" not in changes:
-            rho = changes["rho"]
-            changes["optimizer"] = "noisy-kfac" if rho is None else "kfac" if rho == 0 else "kfacvi"
-        elif "optimizer" in changes and "rho" not in changes:
-            kind = changes["optimizer"]
-            if kind == "kfac":
-                changes["rho"] = 0.0
-            elif kind == "noisy-kfac":
-                changes["rho"] = None
-            elif kind == "kfacvi" and not (self.rho is not None and self.rho > 0):
-                raise ValueError("optimizer 'kfacvi' needs rho > 0: pass rho as well")
-        if changes.get("optimizer", self.optimizer) == "kfac" and "mc_samples" not in changes:
+        optimizer = changes.get("optimizer", self.optimizer)
+        if optimizer != "kfacvi" and "rho" not in changes:
+            changes["rho"] = None
+        if optimizer == "kfac" and "mc_samples" not in changes:
             changes["mc_samples"] = 1
         return dataclasses.replace(self, **changes)
 
@@ -209,11 +197,6 @@ class TrainConfig:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
 
-    @property
-    def guide_rho(self):
-        """ρ as :class:`KroneckerGuide` takes it (None in the ELBO-exact mode)."""
-        return None if self.optimizer == "noisy-kfac" else float(self.rho)
-
     def model_kwargs(self) -> dict:
         kwargs = {}
         if self.channels is not None:
@@ -230,12 +213,12 @@ class TrainConfig:
 # λ as torchsso's decoupled weight decay (eq. 10's literal (λ/α_t)μ diverges). The number of
 # weight samples per step is not part of the table: set it with --mc-samples (default 1).
 _LENET5_KFAC = TrainConfig(
-    model="lenet5", optimizer="kfac", rho=0.0, initial_lr=9e-7, base_lr=9e-6, lr_scale=1.0,
+    model="lenet5", optimizer="kfac", rho=None, initial_lr=9e-7, base_lr=9e-6, lr_scale=1.0,
     momentum=0.9, weight_decay=2e-3, weight_decay_mode="decoupled", beta=0.333, damping=1e-7, split_damping=True,
     power=2.0, warmup_steps=1000, epochs=15, test_samples=50, mc_samples=1, batch_size=64,
 )
 _RESNET18_KFAC = TrainConfig(
-    model="resnet18", optimizer="kfac", rho=0.0, initial_lr=6e-7, base_lr=6e-6, lr_scale=1.0,
+    model="resnet18", optimizer="kfac", rho=None, initial_lr=6e-7, base_lr=6e-6, lr_scale=1.0,
     momentum=0.3, weight_decay=9e-3, weight_decay_mode="decoupled", beta=0.333, damping=2e-7, split_damping=True,
     power=2.3, warmup_steps=1000, epochs=30, test_samples=10, mc_samples=1, batch_size=64,
 )
@@ -275,6 +258,14 @@ def build_schedule(config: TrainConfig, steps_per_epoch: int) -> WarmupPolynomia
     )
 
 
+def build_guide(config: TrainConfig, model: BayesianModel):
+    """The guide family that ``config.optimizer`` names (:data:`OPTIMIZERS`)."""
+    damping = {"damping": config.damping, "split_damping": config.split_damping}
+    if config.optimizer == "kfac":
+        return KroneckerDelta(model, **damping)
+    return KroneckerNormal(model, rho=config.rho, kl_weight=config.kl_weight, **damping)
+
+
 def build(config: TrainConfig, num_data: int, steps_per_epoch: int, device="cpu", net=None, parallel=None):
     """``(model, guide, engine)`` for ``config`` on a training set of ``num_data`` examples.
 
@@ -286,14 +277,11 @@ def build(config: TrainConfig, num_data: int, steps_per_epoch: int, device="cpu"
         net = build_model(config.model, **config.model_kwargs())
     net = net.to(device)
     model = BayesianModel(net, Categorical(), config.prior_variance, num_data)
-    guide = KroneckerGuide(model, rho=config.guide_rho, kl_weight=config.kl_weight, damping=config.damping,
-                           split_damping=config.split_damping)
-    engine = KFACVI(
-        model, guide, lr=build_schedule(config, steps_per_epoch), momentum=config.momentum,
-        weight_decay=config.weight_decay, beta=config.beta, damping=config.damping,
-        num_particles=config.mc_samples, fisher=config.fisher, kfac_approx=config.kfac_approx,
-        weight_decay_mode=config.weight_decay_mode,
-        curvature_every=config.curvature_every, inverse_every=config.inverse_every, parallel=parallel,
-        on_nonfinite=config.on_nonfinite, max_retries=config.max_retries, damping_growth=config.damping_growth,
-    )
+    guide = build_guide(config, model)
+    curvature = CurvatureConfig(fisher=config.fisher, kfac_approx=config.kfac_approx, beta=config.beta,
+                                curvature_every=config.curvature_every, inverse_every=config.inverse_every)
+    on_nonfinite = Retry(config.max_retries, config.damping_growth) if config.on_nonfinite == "retry" else "raise"
+    engine = KFACVI(model, guide, lr=build_schedule(config, steps_per_epoch), momentum=config.momentum,
+                    weight_decay=config.weight_decay, weight_decay_mode=config.weight_decay_mode,
+                    num_particles=config.mc_samples, curvature=curvature, on_nonfinite=on_nonfinite, parallel=parallel)
     return model, guide, engine

@@ -25,7 +25,7 @@ What is measured when (chosen to keep evaluation cheap next to training):
   test set (and the train subset).
 
 Evaluation draws its weight samples from a separate RNG stream seeded from ``config.seed`` and the
-epoch (``torch.random.fork_rng``), so evaluating does not change the training trajectory and
+epoch (:func:`~pyro_kfacvi.experiments.evaluation.private_rng`), so evaluating does not change the training trajectory and
 ``kfacvi evaluate`` with the same S reproduces the ``final`` record.
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -44,27 +43,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyro
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics
-from .distributed import ParallelPlan
-from .layers import run_sampled
-from .predictive import Predictive
+from ..distributed import ParallelPlan
+from .checkpoints import CHECKPOINT, CURVES, METRICS, CheckpointError, atomic_write, load_checkpoint
+from .evaluation import eval_seed, evaluate, mean_outputs, seed_everything
 from .presets import TrainConfig, build, effective_warmup
 
-__all__ = ["CHECKPOINT", "CURVES", "METRICS", "CheckpointError", "EpochProgress", "TrainingDiverged",
-           "TrainingInterrupted", "Trainer", "evaluate", "load_checkpoint",
-           "mean_outputs", "scores", "seed_everything"]
+__all__ = ["CHECKPOINT_FORMAT", "EpochProgress", "TrainingDiverged", "TrainingInterrupted", "Trainer"]
 
-CHECKPOINT, METRICS, CURVES = "checkpoint.pt", "metrics.json", "curves.png"
-#: 2: the guide's mean and the engine's momentum in the eigenbasis of the curvature (1: in the weights')
-CHECKPOINT_FORMAT = 2
-ECE_BINS = 15
-#: offset of the evaluation RNG stream (evaluation at epoch e uses seed + EVAL_SEED * (e + 1);
-#: the final evaluation uses e = -1, i.e. seed + 0 ... see _eval_seed).
-EVAL_SEED = 1_000_003
+#: 3: the guide's state carries its family and configuration, γ moved from the engine's state to it
+#: (2: μ and the momentum in the eigenbasis of the curvature; 1: in the weights')
+CHECKPOINT_FORMAT = 3
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,10 +64,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(Exception):
     """SIGINT stopped the run after a step; its checkpoint holds everything needed to resume."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read, or belongs to a different run."""
 
 
 @dataclasses.dataclass
@@ -94,98 +81,6 @@ class EpochProgress:
     @property
     def probe_accuracy(self) -> float:
         return self.probe_correct / max(self.probe_count, 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy, Python's ``random`` and Pyro."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    pyro.set_rng_seed(seed)
-
-
-def _eval_seed(seed: int, epoch: int | None) -> int:
-    """Seed of the evaluation stream after ``epoch`` (``None``: the final evaluation)."""
-    return (seed + EVAL_SEED * (0 if epoch is None else epoch + 1)) % (2 ** 63)
-
-
-@torch.no_grad()
-def mean_outputs(model, guide, x, batch_size=1000):
-    """Network outputs at the posterior mean μ, shape ``(N, C)``, in eval mode (BatchNorm uses its
-    running statistics and does not update them). Draws no random numbers."""
-    params = guide.layer_params([block.loc.unsqueeze(0) for block in guide.blocks])
-    training = model.training
-    model.eval()
-    try:
-        return torch.cat([run_sampled(model.net, model.layers, params, xb, 1)[0] for xb in x.split(batch_size)])
-    finally:
-        model.train(training)
-
-
-def predictive_probs(model, guide, x, num_samples, seed):
-    """Class probabilities: the posterior mean's softmax (``num_samples=0``) or the Monte Carlo
-    predictive of eq. (1) with ``num_samples`` samples drawn from a private RNG stream."""
-    if num_samples == 0:
-        return mean_outputs(model, guide, x).softmax(-1)
-    devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return Predictive(model, guide, num_samples)(x)
-
-
-def evaluate(model, guide, split, num_samples, seed=0, prefix="test_"):
-    """Accuracy, NLL, ECE (15 bins) and Brier score of the predictive on ``split``."""
-    return scores(predictive_probs(model, guide, split.images, num_samples, seed), split.labels, prefix)
-
-
-def scores(probs, labels, prefix="test_"):
-    """Accuracy, NLL, ECE (15 bins) and Brier score of ``(N, C)`` class probabilities."""
-    probs = probs.double()
-    probs = probs / probs.sum(-1, keepdim=True)  # remove float32 round-off before the checks
-    return {
-        f"{prefix}acc": metrics.accuracy(probs, labels),
-        f"{prefix}nll": metrics.nll(probs, labels),
-        f"{prefix}ece": metrics.ece(probs, labels, n_bins=ECE_BINS),
-        f"{prefix}brier": metrics.brier(probs, labels),
-    }
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(file)`` into a temporary file next to ``path``, flush, fsync, then rename over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read ``checkpoint.pt`` (or the checkpoint inside a run folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip archive), ...
-        raise CheckpointError(
-            f"cannot read checkpoint {path} (truncated or corrupt: {type(exc).__name__}: {exc}). Checkpoints are "
-            "replaced atomically, so it was damaged after it was written; restore it or start the run again") from exc
 
 
 class Trainer:
@@ -335,7 +230,7 @@ class Trainer:
             "momentum": momentum,
             "probe_train_acc": progress.probe_accuracy,
         }
-        seed = _eval_seed(cfg.seed, self.epoch)
+        seed = eval_seed(cfg.seed, self.epoch)
         record.update(evaluate(self.model, self.guide, self.train_eval_split, cfg.eval_samples, seed, "train_"))
         record.update(evaluate(self.model, self.guide, self.data.test, cfg.eval_samples, seed, "test_"))
         record["train_time"] = train_time
@@ -396,7 +291,7 @@ class Trainer:
         train subset); recorded as ``final``."""
         cfg = self.config
         start = time.perf_counter()
-        seed = _eval_seed(cfg.seed, None)
+        seed = eval_seed(cfg.seed, None)
         final = {"test_samples": cfg.test_samples, "epochs": self.epoch, "iteration": self.engine.iteration}
         final.update(evaluate(self.model, self.guide, self.data.test, cfg.test_samples, seed, "test_"))
         final.update(evaluate(self.model, self.guide, self.train_eval_split, cfg.test_samples, seed, "train_"))
@@ -448,7 +343,7 @@ class Trainer:
     def write_metrics(self, **extra) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.metrics_dict(**extra), indent=2, allow_nan=True) + "\n"
-        _atomic_write(self.out_dir / METRICS, lambda f: f.write(text.encode()))
+        atomic_write(self.out_dir / METRICS, lambda f: f.write(text.encode()))
 
     def plot(self) -> None:
         """``curves.png``: train and test accuracy per epoch (left, as the paper's Figure 1) and the
@@ -475,7 +370,7 @@ class Trainer:
         ax_loss.legend()
         ax_loss.grid(alpha=0.3)
         fig.tight_layout()
-        _atomic_write(self.out_dir / CURVES, lambda f: fig.savefig(f, format="png", dpi=110))
+        atomic_write(self.out_dir / CURVES, lambda f: fig.savefig(f, format="png", dpi=110))
 
     # ------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -494,7 +389,7 @@ class Trainer:
         """Write the checkpoint atomically."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self.state()
-        _atomic_write(self.out_dir / CHECKPOINT, lambda f: torch.save(state, f))
+        atomic_write(self.out_dir / CHECKPOINT, lambda f: torch.save(state, f))
 
     def save(self) -> None:
         """Write checkpoint, metrics and curves."""
@@ -507,7 +402,7 @@ class Trainer:
         a training set of this size, written in this version's format."""
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"the checkpoint has format {state.get('format')}, this version reads format "
-                                  f"{CHECKPOINT_FORMAT} (μ and the momentum in the curvature's eigenbasis): resume it "
+                                  f"{CHECKPOINT_FORMAT} (the guide's family and configuration in its state): resume it "
                                   "with the version that wrote it, or start the run again")
         saved, current = state["config"], self.config.to_dict()
         differing = [f"{k}={saved[k]!r} (here {current.get(k)!r})" for k in sorted(saved) if saved[k] != current.get(k)]

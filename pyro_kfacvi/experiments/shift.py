@@ -22,6 +22,8 @@ function of ``(images, name, severity, seed)``; the same ε is used at every sev
 import torch
 import torch.nn.functional as F
 
+from .evaluation import private_rng
+
 __all__ = ["CORRUPTIONS", "SEVERITIES", "box_resize", "box_resize_matrix", "brightness", "contrast", "corrupt",
            "gaussian_blur", "gaussian_noise", "pixelate"]
 
@@ -112,7 +114,5 @@ def corrupt(images, name, severity, seed=0):
         raise ValueError(f"severity must be in 0..{len(SEVERITIES[name])}, got {severity}")
     if severity == 0:
         return images.clone()
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with private_rng(seed, images.device):
         return CORRUPTIONS[name](images, SEVERITIES[name][severity - 1])

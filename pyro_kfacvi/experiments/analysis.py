@@ -27,12 +27,15 @@ from pathlib import Path
 
 import torch
 
-from . import baselines, metrics
+from .. import metrics
+from ..predictive import Predictive
+from . import baselines
+from .checkpoints import atomic_write, load_checkpoint
 from .data import denormalize, normalize
+from .evaluation import ECE_BINS, mean_outputs, private_rng
 from .ood import ood_sets
-from .predictive import Predictive
 from .shift import CORRUPTIONS, SEVERITIES, corrupt
-from .training import ECE_BINS, Trainer, _atomic_write, load_checkpoint, mean_outputs
+from .training import Trainer
 
 __all__ = ["REPORT", "analyze", "analyze_checkpoint", "calibration", "histogram", "load_predictor",
            "ood_detection", "summarize", "under_shift"]
@@ -49,9 +52,7 @@ def _mean(sample_probs):
 
 def _predict(predict, raw_images, seed):
     """``predict`` on normalised ``raw_images`` with the weight samples of stream ``seed``."""
-    devices = [raw_images.device] if raw_images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with private_rng(seed, raw_images.device):
         return predict(normalize(raw_images))
 
 
@@ -194,7 +195,7 @@ def analyze_checkpoint(path, data, out_dir, num_samples=None, shift_size=2000, o
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2) + "\n"
-    _atomic_write(out_dir / REPORT, lambda f: f.write(text.encode()))
+    atomic_write(out_dir / REPORT, lambda f: f.write(text.encode()))
     figures = save_figures(report, out_dir, title=f"{path}")
     if log is not None:
         log(f"wrote {out_dir / REPORT} and {', '.join(p.name for p in figures)}")

@@ -37,10 +37,11 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_value
 
-from .likelihoods import Categorical
-from .model import BayesianModel
+from ..likelihoods import Categorical
+from ..model import BayesianModel
 from .models import MODELS, build_model
-from .training import CHECKPOINT, METRICS, _atomic_write, load_checkpoint, scores, seed_everything
+from .checkpoints import CHECKPOINT, METRICS, atomic_write, load_checkpoint
+from .evaluation import private_rng, scores, seed_everything
 
 __all__ = ["METHODS", "BaselineConfig", "Deterministic", "MCDropout", "MeanField", "build", "from_checkpoint", "is_baseline",
            "train"]
@@ -207,8 +208,7 @@ def build(config: BaselineConfig, example, num_data):
 
 
 def _evaluate(method, split, num_samples, seed, prefix):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with private_rng(seed, split.images.device):
         probs = method.samples(split.images, num_samples).mean(0)
     return scores(probs, split.labels, prefix)
 
@@ -255,9 +255,9 @@ def _save(out_dir: Path, config, method, num_data, history, final):
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {"format": 1, "kind": KIND, "config": config.to_dict(), "num_data": num_data,
              "state": method.state_dict(), "history": history, "final": final}
-    _atomic_write(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
+    atomic_write(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
     text = json.dumps({"config": config.to_dict(), "epochs": history, "final": final}, indent=2) + "\n"
-    _atomic_write(out_dir / METRICS, lambda f: f.write(text.encode()))
+    atomic_write(out_dir / METRICS, lambda f: f.write(text.encode()))
 
 
 def is_baseline(state: dict) -> bool:
