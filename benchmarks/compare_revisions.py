@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from step_cost import DAMPING, LR, MOMENTUM, NUM_DATA, PRIOR_VARIANCE, RHO, random_batch, sgd_step_fn
-from pyro_kfacvi.models import LeNet5
+from pyro_kfacvi.experiments.models import LeNet5
 
 NEVER = 10**9
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -43,14 +43,28 @@ def export_package(revision, folder, name):
     return importlib.import_module(name)
 
 
+def build_engine(library, model, args):
+    """The revision's engine for ``model``: with the guide families (``KroneckerDelta`` for ρ = 0, else
+    ``KroneckerNormal``) and a ``CurvatureConfig``, or, at revisions before them, with the single
+    ``KroneckerGuide(rho=...)`` and the curvature settings as keywords of ``KFACVI``."""
+    curvature = {"curvature_every": args.curvature_every or NEVER, "inverse_every": args.inverse_every or NEVER,
+                 "kfac_approx": args.kfac_approx}
+    options = {"lr": LR, "momentum": MOMENTUM, "num_particles": args.samples}
+    if not hasattr(library, "CurvatureConfig"):
+        guide = library.KroneckerGuide(model, rho=args.rho, damping=DAMPING, split_damping=True)
+        return library.KFACVI(model, guide, **options, **curvature)
+    if args.rho == 0:
+        guide = library.KroneckerDelta(model, damping=DAMPING, split_damping=True)
+    else:
+        guide = library.KroneckerNormal(model, rho=args.rho, damping=DAMPING, split_damping=True)
+    return library.KFACVI(model, guide, **options, curvature=library.CurvatureConfig(**curvature))
+
+
 def engine_step(library, x, y, args):
     """One call: ``curvature_every`` steps of the revision's engine (after one step that refreshes)."""
     torch.manual_seed(0)
     model = library.BayesianModel(LeNet5(), library.Categorical(), PRIOR_VARIANCE, NUM_DATA)
-    guide = library.KroneckerGuide(model, rho=args.rho, damping=DAMPING, split_damping=True)
-    engine = library.KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=args.samples,
-                            curvature_every=args.curvature_every or NEVER,
-                            inverse_every=args.inverse_every or NEVER, kfac_approx=args.kfac_approx)
+    engine = build_engine(library, model, args)
     engine.step(x, y)
     steps = args.curvature_every or 1
     return lambda: [engine.step(x, y) for _ in range(steps)]

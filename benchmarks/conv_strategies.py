@@ -1,5 +1,5 @@
 """How to run one convolution with M weight samples, measured: the choices behind
-:class:`pyro_kfacvi.layers.Conv2dAdapter`.
+:class:`pyro_kfacvi.layers.Conv2dAdapter` and :class:`pyro_kfacvi.curvature.capture.Conv2dStatistics`.
 
     python benchmarks/conv_strategies.py [--device cuda] [--threads N]
 
@@ -13,9 +13,10 @@ repeats:
   the 64 distinct images with the M filter banks stacked to ``M·C_out`` output channels.
 
 And the K-FAC input factor A = Σ ã ãᵀ of a convolution: ``F.unfold`` followed by a transpose
-copy, against im2col as one copy of a strided view (what the adapter does); and K-FAC-reduce's
+copy, against im2col as one copy of a strided view (what the recorder does); and K-FAC-reduce's
 mean input patch of the 64 images: the mean of the strided view of all patches, against the
-two products with 0/1 selection matrices of the adapter (:meth:`pyro_kfacvi.layers.Conv2dAdapter.mean_patches`).
+two products with 0/1 selection matrices of the recorder
+(:meth:`pyro_kfacvi.curvature.capture.Conv2dStatistics.mean_patches`).
 """
 import argparse
 import statistics
@@ -23,10 +24,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
-from pyro_kfacvi.layers import Conv2dAdapter
+from pyro_kfacvi.curvature.capture import Conv2dStatistics
 
 BATCH = 64
 LAYERS = {  # name: (C_in, C_out, H = W, kernel, is the network input)
@@ -96,10 +96,10 @@ def mean_patch(c_in, size, kernel, device):
     def strided_mean():
         return x.unfold(2, kernel, 1).unfold(3, kernel, 1).mean((2, 3))
 
-    conv, adapter = nn.Conv2d(c_in, 1, kernel).to(device), Conv2dAdapter()
+    conv = nn.Conv2d(c_in, 1, kernel).to(device)
 
     def products():
-        return adapter.mean_patches(conv, x)[0]
+        return Conv2dStatistics.mean_patches(conv, x)[0]
 
     return {"strided": strided_mean, "products": products}
 

@@ -15,10 +15,11 @@ import time
 import pyro
 import torch
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, Predictive, WarmupPolynomialLR
-from pyro_kfacvi.data import cifar10
+from pyro_kfacvi import (KFACVI, BayesianModel, Categorical, CurvatureConfig, KroneckerDelta, KroneckerNormal,
+                         Predictive, WarmupPolynomialLR)
+from pyro_kfacvi.experiments.data import cifar10
+from pyro_kfacvi.experiments.models import LeNet5
 from pyro_kfacvi.metrics import accuracy, nll
-from pyro_kfacvi.models import LeNet5
 
 
 def main():
@@ -26,7 +27,7 @@ def main():
     parser.add_argument("--lr-scale", type=float, default=1.0)
     parser.add_argument("--split", action="store_true", help="split (factored) damping instead of exact")
     parser.add_argument("--mode", default="decoupled", choices=["coupled", "decoupled", "literal"])
-    parser.add_argument("--rho", type=float, default=0.0)
+    parser.add_argument("--rho", type=float, default=0.0, help="ρ of KFAC-VI (default 0: plain K-FAC)")
     parser.add_argument("--mc-samples", type=int, default=1)
     parser.add_argument("--channels", default="6,16")
     parser.add_argument("--epochs", type=int, default=15)
@@ -37,11 +38,12 @@ def main():
     data = cifar10(os.environ.get("KFACVI_DATA"))
     net = LeNet5(channels=tuple(int(c) for c in args.channels.split(",")))
     model = BayesianModel(net, Categorical(), 1.0, len(data.train))
-    guide = KroneckerGuide(model, rho=args.rho, damping=1e-7, split_damping=args.split)
+    damping = {"damping": 1e-7, "split_damping": args.split}
+    guide = KroneckerDelta(model, **damping) if args.rho == 0 else KroneckerNormal(model, rho=args.rho, **damping)
     steps = math.ceil(len(data.train) / 64)
     schedule = WarmupPolynomialLR(9e-7 * args.lr_scale, 9e-6 * args.lr_scale, 15 * steps, steps, 1000, 2.0)
-    engine = KFACVI(model, guide, lr=schedule, momentum=0.9, weight_decay=2e-3, beta=0.333,
-                    weight_decay_mode=args.mode, num_particles=args.mc_samples)
+    engine = KFACVI(model, guide, lr=schedule, momentum=0.9, weight_decay=2e-3, weight_decay_mode=args.mode,
+                    num_particles=args.mc_samples, curvature=CurvatureConfig(beta=0.333))
     order = torch.Generator().manual_seed(0)
     start = time.time()
     for epoch in range(args.epochs):

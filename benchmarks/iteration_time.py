@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide
-from pyro_kfacvi.models import build_model
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, CurvatureConfig, KroneckerDelta, KroneckerNormal
+from pyro_kfacvi.experiments.models import build_model
 
 
 def synchronize(device):
@@ -24,9 +24,10 @@ def synchronize(device):
 def median_step_seconds(model_name, num_samples, device, steps, warmup, batch=64):
     torch.manual_seed(0)
     model = BayesianModel(build_model(model_name).to(device), Categorical(), 1.0, 50_000)
-    rho = 0.0 if num_samples == 1 else 6e-5
-    guide = KroneckerGuide(model, rho=rho, damping=1e-7, split_damping=True).to(device)
-    engine = KFACVI(model, guide, lr=1e-6, momentum=0.9, beta=0.333, num_particles=num_samples)
+    damping = {"damping": 1e-7, "split_damping": True}  # plain K-FAC for M = 1, KFAC-VI (ρ = 6e-5) otherwise
+    guide = KroneckerDelta(model, **damping) if num_samples == 1 else KroneckerNormal(model, rho=6e-5, **damping)
+    engine = KFACVI(model, guide.to(device), lr=1e-6, momentum=0.9, num_particles=num_samples,
+                    curvature=CurvatureConfig(beta=0.333))
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     times = []

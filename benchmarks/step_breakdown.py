@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from step_cost import EngineSettings, kfacvi_engine, random_batch, sgd_step_fn, tenth_percentile
-from pyro_kfacvi.models import LeNet5
+from pyro_kfacvi.experiments.models import LeNet5
 
 NEVER = 10**9
 
@@ -33,13 +33,13 @@ def parts(engine, x, y):
     """Zero-argument callables for each part of a step without curvature, in the order of ``KFACVI.step``."""
     blocks = engine.guide.sample_eigenbasis_blocks(engine.num_particles)
     stats = engine.statistics(x, y, blocks, with_curvature=False)
-    loss = stats.nll + engine.complexity()
+    loss = stats.nll + engine.guide.complexity()
     return {
         "check_values (inputs finite, labels in range)": lambda: engine.model.check_values(x, y),
         "sample_eigenbasis_blocks (eq. 12)": lambda: engine.guide.sample_eigenbasis_blocks(engine.num_particles),
         "statistics: forward + backward (eq. 7)": lambda: engine.statistics(x, y, blocks, with_curvature=False),
-        "complexity (KL term of the loss)": engine.complexity,
-        "checked_loss": lambda: engine.checked_loss(0, loss, stats),
+        "complexity (KL term of the loss)": engine.guide.complexity,
+        "all_finite (loss, gradients finite)": lambda: stats.all_finite(loss),
         "update (eqs. 10, 11)": lambda: engine.update(stats.grads, 1e-12, 0.9),
     }
 
@@ -70,17 +70,24 @@ def fixed_sample(engine):
 
 def identity_preconditioner(engine):
     ones = [torch.ones_like(block.eigenbasis_loc) for block in engine.guide.blocks]
-    engine.guide.scales()  # the sampler's scales stay those of the real eigenvalues
-    engine.guide.damped_eigenvalues = lambda: ones
+    engine.guide.scales()  # the sampler's scales stay those of the real eigenvalues (memoised)
+    engine.guide.preconditioner = lambda: ones
 
 
 def no_checks(engine):
     engine.model.check_values = lambda x, y: None
-    engine.checked_loss = lambda t, loss, stats: loss.item()
+    statistics = engine.statistics
+
+    def unchecked(*args, **kwargs):  # statistics whose finiteness check only reads the loss
+        stats = statistics(*args, **kwargs)
+        stats.all_finite = lambda loss: (True, loss.item())
+        return stats
+
+    engine.statistics = unchecked
 
 
 def no_kl(engine):
-    engine.complexity = lambda: 0.0
+    engine.guide.complexity = lambda: 0.0
 
 
 #: part of a step → how to switch it off (benchmark-only patches of an engine instance)

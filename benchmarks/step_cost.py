@@ -13,13 +13,14 @@ Candidates (each owns its own freshly initialised network, model and guide, same
 * ``sgd``: forward + cross-entropy backward + ``torch.optim.SGD`` (momentum 0.9) update of a
   plain LeNet5 — the floor;
 * ``kfacvi{M}``: ``KFACVI(..., lr=1e-4, momentum=0.9, num_particles=M).step(x, y)`` with a
-  ``KroneckerGuide(rho=6e-5, damping=1e-3)`` (``split_damping=True`` with ``--split-damping``,
-  as in the presets), ``curvature_every=K`` (``--curvature-every``, default 1: factors every
-  step, as in the paper's setting), ``inverse_every`` (``--inverse-every``, default max(10, K)),
-  ``kfac_approx`` (``--kfac-approx``, default ``"expand"``, the paper's) and the default ``chunk_size`` — the M samples run batched through the network. With K > 1 one
-  timed call is K consecutive steps (exactly one of which refreshes the curvature) and its time
-  is divided by K: the median is then the *amortised* cost per step, not the cost of the cheap
-  steps alone. Every other candidate is then timed in calls of K steps too (as in
+  ``KroneckerNormal(rho=6e-5, damping=1e-3)`` (``split_damping=True`` with ``--split-damping``,
+  as in the presets) and a ``CurvatureConfig`` with ``curvature_every=K`` (``--curvature-every``,
+  default 1: factors every step, as in the paper's setting), ``inverse_every``
+  (``--inverse-every``, default max(10, K)), ``kfac_approx`` (``--kfac-approx``, default
+  ``"expand"``, the paper's) and the default ``chunk_size`` — the M samples run batched through
+  the network. With K > 1 one timed call is K consecutive steps (exactly one of which refreshes
+  the curvature) and its time is divided by K: the median is then the *amortised* cost per step,
+  not the cost of the cheap steps alone. Every other candidate is then timed in calls of K steps too (as in
   ``compare_revisions.py``): interference makes step times right-skewed, so the median of single
   steps sits below the median of K-step averages of the same steps, and a ratio of the two would
   favour the candidate timed step by step;
@@ -28,7 +29,7 @@ Candidates (each owns its own freshly initialised network, model and guide, same
   ``engine.statistics(x, y, guide.sample_eigenbasis_blocks(1), with_curvature)`` whose NLL, gradients and
   Kronecker factors are summed and averaged, followed by exactly the rest of ``KFACVI.step``
   (finite check, curvature EMA, eigenbasis refresh every ``inverse_every`` steps, update).
-  This was chosen over ``engine.chunk_size = 1`` because it also draws the samples one at a time;
+  This was chosen over ``CurvatureConfig(chunk_size=1)`` because it also draws the samples one at a time;
 * ``floor{M}`` and ``accumulated{M}``: the ``sgd`` step on M·64 images (M copies of the batch),
   as one batch and as M forward and backward passes of the 64 images accumulating the gradient
   before one update. The faster of the two is the physical floor of M weight samples: the
@@ -88,10 +89,9 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, Predictive
-from pyro_kfacvi.engine import Statistics
-from pyro_kfacvi.layers import KFAC_APPROXIMATIONS
-from pyro_kfacvi.models import LeNet5
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, CurvatureConfig, KroneckerNormal, Predictive
+from pyro_kfacvi.curvature import KFAC_APPROXIMATIONS, Statistics
+from pyro_kfacvi.experiments.models import LeNet5
 
 BATCH, IMAGE_SHAPE, NUM_CLASSES = 64, (3, 32, 32), 10
 NUM_DATA, PRIOR_VARIANCE = 50_000, 1.0
@@ -176,10 +176,10 @@ class EngineSettings:
 
 def kfacvi_engine(device, num_particles, settings=EngineSettings()):
     model = fresh_model(device)
-    guide = KroneckerGuide(model, rho=RHO, damping=DAMPING, split_damping=settings.split_damping).to(device)
-    return KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=num_particles,
-                  curvature_every=settings.curvature_every, inverse_every=settings.inverse_every,
-                  kfac_approx=settings.kfac_approx)
+    guide = KroneckerNormal(model, rho=RHO, damping=DAMPING, split_damping=settings.split_damping).to(device)
+    curvature = CurvatureConfig(curvature_every=settings.curvature_every, inverse_every=settings.inverse_every,
+                                kfac_approx=settings.kfac_approx)
+    return KFACVI(model, guide, lr=LR, momentum=MOMENTUM, num_particles=num_particles, curvature=curvature)
 
 
 def floor_step_fn(device, x, y, num_samples):
@@ -215,31 +215,34 @@ def kfacvi_step_fn(device, x, y, num_samples, settings):
 
 
 def add_statistics(total, part):
-    """Sum of two :class:`Statistics` (``total`` may be None)."""
+    """Sum of two :class:`Statistics` (``total`` may be None), counts included."""
     if total is None:
         return part
     factors = None
     if part.factors is not None:
         factors = [tuple(a + b for a, b in zip(fa, fb)) for fa, fb in zip(total.factors, part.factors)]
-    return Statistics(total.nll + part.nll, [a + b for a, b in zip(total.grads, part.grads)], factors)
+    return Statistics(total.nll + part.nll, [a + b for a, b in zip(total.grads, part.grads)], factors,
+                      total.count + part.count)
 
 
 def sequential_step(engine, x, y, num_samples):
     """``engine.step(x, y)`` with its M samples drawn and run through the network one at a time:
     M single-sample :meth:`KFACVI.statistics` calls (each averaged over the batch), averaged over
-    M, then the same finite-check and :meth:`KFACVI.apply` as the batched step.
+    M, then the same finite check, curvature update (eq. 9 and the eigenbases every
+    ``inverse_every`` steps) and :meth:`KFACVI.apply` as the batched step.
     """
     engine.model.check_batch(x, y)
     engine.model.train()
-    with_curvature = engine.iteration % engine.curvature_every == 0
+    with_curvature = engine.iteration % engine.curvature.curvature_every == 0
     total = None
-    for _ in range(num_samples):
+    for _ in range(num_samples):  # each of count 1 (means over the batch): the sum has count M
         total = add_statistics(total, engine.statistics(x, y, engine.guide.sample_eigenbasis_blocks(1), with_curvature))
-    stats = Statistics(total.nll / num_samples, [g / num_samples for g in total.grads],
-                       None if total.factors is None else
-                       [tuple(f / num_samples for f in fs) for fs in total.factors])
-    loss = engine.checked_loss(engine.iteration, stats.nll + engine.complexity(), stats)
-    engine.apply(stats)
+    stats = total.means()
+    finite, loss = stats.all_finite(stats.nll + engine.guide.complexity())
+    if not finite:
+        raise FloatingPointError(f"non-finite loss, gradient or curvature at iteration {engine.iteration}")
+    refresh = engine.iteration % engine.curvature.inverse_every == 0
+    engine.apply(stats, engine.guide.curvature_update(stats.factors, engine.curvature.beta, refresh))
     return loss
 
 

@@ -27,9 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pyro_kfacvi.analysis import REPORT
-from pyro_kfacvi.plots import comparison_figure
-from pyro_kfacvi.training import load_checkpoint
+from pyro_kfacvi.experiments.analysis import REPORT
+from pyro_kfacvi.experiments.checkpoints import load_checkpoint
+from pyro_kfacvi.experiments.plots import comparison_figure
 
 #: label → (run folder name, the ``kfacvi`` arguments that train it).
 RUNS = {

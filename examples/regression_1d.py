@@ -4,8 +4,8 @@ A 1-50-1 tanh network, y = sin(2x) + N(0, 0.1²), 40 inputs in [-3, -1] ∪ [1, 
 gap), prior N(0, I) on every weight, known noise. Three posteriors of the same Pyro model
 (:class:`~pyro_kfacvi.BayesianModel`):
 
-* K-FAC (``rho=0``): a point estimate; its band is the noise ± 2σ alone;
-* Noisy K-FAC (``rho=None``, the ELBO-exact KFAC-VI mode), trained by natural-gradient VI;
+* K-FAC (:class:`~pyro_kfacvi.KroneckerDelta`): a point estimate; its band is the noise ± 2σ alone;
+* Noisy K-FAC (:class:`~pyro_kfacvi.KroneckerNormal`, ELBO-exact), trained by natural-gradient VI;
 * NUTS (``pyro.infer.MCMC``) on the same model: the reference posterior.
 
 Each panel shows the predictive mean ± 2 standard deviations (Var_s f + σ², law of total
@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from pyro.infer import MCMC, NUTS
 from torch import nn
 
-from pyro_kfacvi import KFACVI, BayesianModel, Gaussian, KroneckerGuide, Predictive
+from pyro_kfacvi import KFACVI, BayesianModel, CurvatureConfig, Gaussian, KroneckerDelta, KroneckerNormal, Predictive
 
 NOISE, HIDDEN, NUM_DATA = 0.1, 50, 40
 
@@ -41,15 +41,15 @@ def bayesian_model():
     return BayesianModel(net, Gaussian(NOISE), prior_variance=1.0, num_data=NUM_DATA)
 
 
-def kfac_predictive(x, y, rho, steps, num_samples):
+def kfac_predictive(x, y, family, steps, num_samples):
     """Per-sample predictive means ``(S, N, 1)`` after ``steps`` full-batch natural-gradient steps.
 
     The Monte Carlo (true) Fisher, ∝ 1/σ²: with the empirical Fisher, ∝ residual²/σ⁴, every
     setting tried diverged (see docs/uncertainty.md)."""
     model = bayesian_model()
-    guide = KroneckerGuide(model, rho=rho, damping=1e-2)
-    engine = KFACVI(model, guide, lr=0.02, beta=0.1, num_particles=1 if rho == 0 else 16, fisher="mc",
-                    inverse_every=1)
+    guide = family(model, damping=1e-2)
+    engine = KFACVI(model, guide, lr=0.02, num_particles=guide.distinct_draws(16),
+                    curvature=CurvatureConfig(fisher="mc", beta=0.1, inverse_every=1))
     for _ in range(steps):
         engine.step(x, y)
     return lambda grid: Predictive(model, guide, num_samples).samples(grid)
@@ -84,8 +84,8 @@ def main():
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3, sharey=True)
     methods = {
-        "K-FAC (point estimate, rho=0)": lambda: kfac_predictive(x, y, 0.0, args.steps, 1),
-        "Noisy K-FAC (ELBO-exact KFAC-VI)": lambda: kfac_predictive(x, y, None, args.steps, 500),
+        "K-FAC (point estimate)": lambda: kfac_predictive(x, y, KroneckerDelta, args.steps, 1),
+        "Noisy K-FAC (ELBO-exact KFAC-VI)": lambda: kfac_predictive(x, y, KroneckerNormal, args.steps, 500),
         f"NUTS ({args.nuts_samples} samples)": lambda: nuts_predictive(x, y, args.nuts_samples, args.nuts_warmup),
     }
     for ax, (name, fit) in zip(axes, methods.items()):

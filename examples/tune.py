@@ -43,7 +43,7 @@ from pathlib import Path
 
 KFAC = ["train", "--preset", "lenet5-kfac"]
 KFACVI = ["train", "--preset", "lenet5-kfacvi", "--mc-samples", "1"]
-NOISY_KFAC = KFACVI + ["--optimizer", "noisy-kfac", "--rho", "none"]  # the ELBO-exact ρ² = 1/N
+NOISY_KFAC = KFACVI + ["--optimizer", "noisy-kfac"]  # the ELBO-exact ρ² = 1/N (the optimizer drops ρ)
 ADAM = ["baseline", "--method", "adam"]
 VALIDATION = ["--epochs", "15", "--validation", "5000", "--test-samples", "10"]
 

@@ -37,6 +37,35 @@ def _retry_policy(on_nonfinite):
     return Retry() if on_nonfinite == "retry" else None
 
 
+class _Snapshot:
+    """What a step may change before it commits — the network's buffers (BatchNorm's running
+    statistics) and training mode, the guide's γ (retries grow it) and the RNG states (torch's CPU
+    generator and the guide's CUDA device's) — to put back when the step fails."""
+
+    def __init__(self, model, guide):
+        self.model, self.guide = model, guide
+        self.buffers = [b.clone() for b in model.buffers()]
+        self.modes = [m.training for m in model.modules()]
+        self.damping = guide.damping
+        self.device = guide.means()[0].device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    @torch.no_grad()
+    def restore_buffers(self):
+        for buffer, saved in zip(self.model.buffers(), self.buffers):
+            buffer.copy_(saved)
+
+    def restore(self):
+        self.restore_buffers()
+        for module, training in zip(self.model.modules(), self.modes):
+            module.training = training
+        self.guide.damping = self.damping
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+
+
 class KFACVI:
     r"""SVI-style natural-gradient variational inference with a Kronecker guide
     (:class:`~pyro_kfacvi.KroneckerNormal` or :class:`~pyro_kfacvi.KroneckerDelta`).
@@ -133,29 +162,35 @@ class KFACVI:
         before the update (for a point mass: the negative log joint per datum).
 
         Bad input (shapes, dtypes, NaN/Inf in ``x``, targets outside the likelihood's support) raises
-        before any work; non-finite statistics are handled as ``on_nonfinite`` says. A model in eval
-        mode is put in training mode (submodules that were switched to eval mode on their own stay
-        so). :attr:`last_complexity` then holds the loss's complexity term (the guide's
-        ``complexity()`` before the update, a tensor), for a training loop that reports it apart."""
+        before any work; non-finite statistics are handled as ``on_nonfinite`` says. Whatever fails
+        inside the step — non-finite statistics, an exception from the network — the guide, the
+        engine, the network's buffers and mode and the RNG state are left as they were before it.
+        A model in eval mode is put in training mode (submodules that were switched to eval mode on
+        their own stay so). :attr:`last_complexity` then holds the loss's complexity term (the
+        guide's ``complexity()`` before the update, a tensor), for a training loop that reports it apart."""
         self.model.check_batch(x, y)
         self.model.check_values(x, y)
-        if not self.model.training:
-            self.model.train()
-        with_curvature = self.iteration % self.curvature.curvature_every == 0
-        stats, loss = self.finite_statistics(x, y, with_curvature)
-        self.apply(stats)
+        snapshot = _Snapshot(self.model, self.guide)
+        try:
+            if not self.model.training:
+                self.model.train()
+            with_curvature = self.iteration % self.curvature.curvature_every == 0
+            stats, loss = self.finite_statistics(x, y, with_curvature, snapshot)
+            refresh = self.iteration % self.curvature.inverse_every == 0
+            update = self.guide.curvature_update(stats.factors, self.curvature.beta, refresh)  # (9)
+        except BaseException:
+            snapshot.restore()
+            raise
+        self.apply(stats, update)
         return loss
 
-    def apply(self, stats):
-        """The rest of a step, given its finite statistics: eq. (9) when they hold curvature, the
-        eigenbases every ``inverse_every`` steps — both computed before anything is stored — then
-        eqs. (10, 11); advances the iteration."""
+    def apply(self, stats, update):
+        """The rest of a step, given its finite statistics and the guide's curvature update (eq. 9 and
+        new eigenbases, computed and not yet stored): stores it, then eqs. (10, 11); advances the iteration."""
         t = self.iteration
         means = self.guide.means()
         if self.velocities[0].device != means[0].device:  # the guide was moved after the engine was built
             self.velocities = [v.to(means[0].device) for v in self.velocities]
-        refresh = t % self.curvature.inverse_every == 0
-        update = self.guide.curvature_update(stats.factors, self.curvature.beta, refresh)  # (9)
         # ḡ, drawn in the old eigenbases, moves along with μ and v
         self.guide.commit_curvature(update, carried=list(zip(self.velocities, stats.grads)))
         self.update(stats.grads, *self.hyperparameters(t))
@@ -169,11 +204,11 @@ class KFACVI:
             sums = self.parallel.sum_statistics(sums)
         return sums.means()
 
-    def finite_statistics(self, x, y, with_curvature):
+    def finite_statistics(self, x, y, with_curvature, snapshot):
         """Eqs. (7, 8) and the loss (a number) for fresh weight samples, checked for finiteness and,
         under a retry policy, redrawn with a larger damping until finite. The forward pass moves
-        BatchNorm's running statistics: a rejected attempt restores the network's buffers."""
-        damping, buffers = self.guide.damping, [b.clone() for b in self.model.buffers()]
+        BatchNorm's running statistics: a rejected attempt restores the network's buffers (``snapshot``)."""
+        damping = self.guide.damping
         attempts = 1 + (self.retry.max_retries if self.retry is not None else 0)
         for attempt in range(1, attempts + 1):
             stats = self.statistics(x, y, self.sample_blocks(), with_curvature)
@@ -182,12 +217,10 @@ class KFACVI:
             if finite:
                 self.last_complexity = complexity
                 return stats, loss
-            for buffer, saved in zip(self.model.buffers(), buffers):
-                buffer.copy_(saved)
+            snapshot.restore_buffers()
             fault = (f"non-finite loss, gradient or curvature at iteration {self.iteration} (loss {loss:.4g}); "
                      "the guide was left unchanged.")
             if attempt == attempts:
-                self.guide.damping = damping
                 if attempts == 1:
                     raise FloatingPointError(f"{fault} Typical causes: a learning rate too large for the damping "
                                              "(increase the guide's damping, use split_damping=True or "

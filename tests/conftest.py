@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from pyro_kfacvi import KroneckerDelta, KroneckerNormal
+
 
 @pytest.fixture
 def one_thread():
@@ -10,3 +12,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def kronecker_guide(model, rho, **kwargs):
+    """The guide family that the old ``KroneckerGuide(model, rho=...)`` selected: a point mass
+    (plain K-FAC) for ρ = 0, else the Gaussian with that ρ (``None``: ELBO-exact)."""
+    if rho == 0:
+        return KroneckerDelta(model, **kwargs)
+    return KroneckerNormal(model, rho=rho, **kwargs)

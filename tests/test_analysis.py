@@ -1,4 +1,4 @@
-"""The uncertainty analysis (pyro_kfacvi.analysis, plots), the baselines and their CLI commands."""
+"""The uncertainty analysis (pyro_kfacvi.experiments.analysis, plots), the baselines and their CLI commands."""
 import json
 from types import SimpleNamespace
 
@@ -6,12 +6,13 @@ import pyro
 import pytest
 import torch
 
-from pyro_kfacvi import analysis, baselines, cli, metrics
-from pyro_kfacvi.data import Split, normalize
-from pyro_kfacvi.ood import ood_sets
-from pyro_kfacvi.presets import PRESETS
-from pyro_kfacvi.shift import CORRUPTIONS
-from pyro_kfacvi.training import Trainer
+from pyro_kfacvi import metrics
+from pyro_kfacvi.experiments import analysis, baselines, cli
+from pyro_kfacvi.experiments.data import Split, normalize
+from pyro_kfacvi.experiments.ood import ood_sets
+from pyro_kfacvi.experiments.presets import PRESETS
+from pyro_kfacvi.experiments.shift import CORRUPTIONS
+from pyro_kfacvi.experiments.training import Trainer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, Gaussian, KroneckerGuide
-from pyro_kfacvi.curvature import KroneckerFactors
+from conftest import kronecker_guide
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, CurvatureConfig, Gaussian, KroneckerDelta, KroneckerNormal
+from pyro_kfacvi.curvature.capture import Conv2dStatistics
+from pyro_kfacvi.experiments.models import LeNet5
 from pyro_kfacvi.layers import Conv2dAdapter, LinearAdapter
-from pyro_kfacvi.models import LeNet5
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +53,8 @@ class SequenceMLP(nn.Module):
 
 def setup(net, fisher="empirical", rho=0.0, kfac_approx="expand"):
     model = BayesianModel(net, Categorical(), 1.0, 1000)
-    guide = KroneckerGuide(model, rho=rho, damping=1e-3)
-    return model, guide, KFACVI(model, guide, lr=0.1, fisher=fisher, kfac_approx=kfac_approx)
+    guide = kronecker_guide(model, rho, damping=1e-3)
+    return model, guide, KFACVI(model, guide, lr=0.1, curvature=CurvatureConfig(fisher=fisher, kfac_approx=kfac_approx))
 
 
 def patches(x, conv):
@@ -268,16 +269,22 @@ def reference_gradients(net, guide, x, y, sample_blocks):
     return grads
 
 
+def set_curvature(guide, factors):
+    """F̂ = ``factors`` (one tuple per block, β = 1) and their eigenbases, μ carried along."""
+    guide.commit_curvature(guide.curvature_update(factors, beta=1.0, refresh=True))
+
+
 def random_eigenbases(guide):
     """Random curvature factors and their eigenbases for every block (μ carried along)."""
+    factors = []
     for block in guide.blocks:
-        curvature = block.curvature
-        if isinstance(curvature, KroneckerFactors):
-            a, g = torch.randn_like(curvature.A), torch.randn_like(curvature.G)
-            curvature.update((a @ a.T, g @ g.T), beta=1.0)
+        fs = block.curvature.factors()
+        if len(fs) == 2:
+            a, g = torch.randn_like(fs[0]), torch.randn_like(fs[1])
+            factors.append((a @ a.T, g @ g.T))
         else:
-            curvature.update((torch.rand_like(block.loc),), beta=1.0)
-        block.refresh()
+            factors.append((torch.rand_like(block.loc),))
+    set_curvature(guide, factors)
 
 
 @pytest.mark.parametrize("linear_in_eigenbasis", [False, True])
@@ -298,8 +305,8 @@ def test_batched_samples_equal_looped_samples(net_fn, shape, grouped, kfac_appro
     x, y = torch.randn(5, *shape), torch.randint(0, 3, (5,))
     draws = guide.sample_eigenbasis_blocks(3)
     batched = engine.statistics(x, y, draws)
-    engine.chunk_size = 1
-    looped = engine.statistics(x, y, draws)
+    looped_engine = KFACVI(model, guide, lr=0.1, curvature=CurvatureConfig(kfac_approx=kfac_approx, chunk_size=1))
+    looped = looped_engine.statistics(x, y, draws)
     weights = [block.curvature.from_eigenbasis(d) for block, d in zip(guide.blocks, draws)]
     reference = reference_gradients(net, guide, x, y, weights)
     for block, b, l, r in zip(guide.blocks, batched.grads, looped.grads, reference):
@@ -309,11 +316,12 @@ def test_batched_samples_equal_looped_samples(net_fn, shape, grouped, kfac_appro
         for b, l in zip(fb, fl):
             torch.testing.assert_close(b, l, rtol=1e-5, atol=1e-10)
     # the update: the same fixed draws give the same new means in both modes
-    state = {k: v.clone() for k, v in guide.state_dict().items()}
+    state = copy.deepcopy(guide.state_dict())  # tensors and the guide's extra state (family, config, γ)
     means = []
     for chunk in (None, 1):
         guide.load_state_dict(state)
-        engine = KFACVI(model, guide, lr=0.1, momentum=0.5, num_particles=3, chunk_size=chunk)
+        engine = KFACVI(model, guide, lr=0.1, momentum=0.5, num_particles=3,
+                        curvature=CurvatureConfig(chunk_size=chunk))
         guide.sample_eigenbasis_blocks = lambda num: draws
         engine.step(x, y)
         del guide.sample_eigenbasis_blocks
@@ -329,8 +337,9 @@ def test_steps_equal_the_dense_natural_gradient_updates_in_weight_space():
     which keeps μ, v and ḡ in eigenbasis coordinates and re-expresses them at the refresh."""
     net = mlp()
     model = BayesianModel(net, Categorical(), 1.0, 1000)
-    guide = KroneckerGuide(model, rho=0.05, damping=0.1)
-    engine = KFACVI(model, guide, lr=0.1, momentum=0.5, weight_decay=0.01, beta=0.5, inverse_every=2)
+    guide = KroneckerNormal(model, rho=0.05, damping=0.1)
+    engine = KFACVI(model, guide, lr=0.1, momentum=0.5, weight_decay=0.01,
+                    curvature=CurvatureConfig(beta=0.5, inverse_every=2))
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     mean = [block.loc.clone() for block in guide.blocks]
     velocity = [torch.zeros_like(m) for m in mean]
@@ -378,7 +387,7 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
     be recomputed after a refresh, a changed γ or ρ, ``load_state_dict`` and a dtype change —
     checked against values computed from scratch (a dense reference for the KL)."""
     model = BayesianModel(nn.Linear(3, 2), Categorical(), 2.0, 100)
-    guide = KroneckerGuide(model, rho=0.3, damping=0.1, split_damping=True)
+    guide = KroneckerNormal(model, rho=0.3, damping=0.1, split_damping=True)
     block, curvature = guide.blocks[0], guide.blocks[0].curvature
 
     def reference_kl():
@@ -390,21 +399,20 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
         return torch.distributions.kl_divergence(dense, prior)
 
     def check(damping):
-        damped = torch.outer(*curvature.damped_factor_eigenvalues(damping))
-        torch.testing.assert_close(guide.damped_eigenvalues()[0], damped)
+        damped = curvature.split_eigenvalues(damping)
+        torch.testing.assert_close(guide.preconditioner()[0], damped)
         torch.testing.assert_close(guide.scales()[0][0], guide.rho * damped.rsqrt())
         torch.testing.assert_close(guide.kl_to_prior(), reference_kl())
 
     def new_factors():
         a, g = torch.randn(4, 4), torch.randn(2, 2)
-        curvature.update((a @ a.T, g @ g.T), beta=1.0)
-        block.refresh()
+        set_curvature(guide, [(a @ a.T, g @ g.T)])
 
     check(0.1)
-    before = guide.damped_eigenvalues()[0]
-    assert guide.damped_eigenvalues()[0] is before and guide.scales()[0][0] is guide.scales()[0][0]  # memoised
+    before = guide.preconditioner()[0]
+    assert guide.preconditioner()[0] is before and guide.scales()[0][0] is guide.scales()[0][0]  # memoised
     new_factors()
-    assert not torch.equal(guide.damped_eigenvalues()[0], before)
+    assert not torch.equal(guide.preconditioner()[0], before)
     check(0.1)
     guide.damping = 0.5
     check(0.5)
@@ -416,36 +424,40 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
     curvature.load_state_dict(saved)
     torch.testing.assert_close(guide.kl_to_prior(), kl)
     guide.float()
-    assert guide.damped_eigenvalues()[0].dtype == guide.scales()[0][0].dtype == torch.float32
+    assert guide.preconditioner()[0].dtype == guide.scales()[0][0].dtype == torch.float32
 
 
 def test_moving_the_guide_regathers_its_tensors():
     """The guide gathers its means and spectra once; ``guide.to(...)`` and ``load_state_dict(...,
     assign=True)`` replace those tensors, and the means it hands out (which the engine updates in
     place) must be the new ones."""
-    guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2).float(), Categorical(), 1.0, 10), rho=0.1).float()
-    assert guide.damped_eigenvalues()[0].dtype == guide.means()[0].dtype == torch.float32
+    guide = KroneckerNormal(BayesianModel(nn.Linear(3, 2).float(), Categorical(), 1.0, 10), rho=0.1).float()
+    assert guide.preconditioner()[0].dtype == guide.means()[0].dtype == torch.float32
     guide.double()
     assert all(mean is block.eigenbasis_loc for mean, block in zip(guide.means(), guide.blocks, strict=True))
-    assert guide.damped_eigenvalues()[0].dtype == guide.scales()[0][0].dtype == torch.float64
+    assert guide.preconditioner()[0].dtype == guide.scales()[0][0].dtype == torch.float64
     assert guide.sample_eigenbasis_blocks(2)[0].dtype == torch.float64
-    guide.load_state_dict({k: v.clone() for k, v in guide.state_dict().items()}, assign=True)
+    guide.load_state_dict(copy.deepcopy(guide.state_dict()), assign=True)
     assert all(mean is block.eigenbasis_loc for mean, block in zip(guide.means(), guide.blocks, strict=True))
 
 
-def test_a_point_mass_has_zero_scales_and_an_infinite_kl():
-    guide = KroneckerGuide(BayesianModel(mlp(), Categorical(), 1.0, 10), rho=0.0)
-    assert all(torch.equal(scale, torch.zeros_like(scale)) for scale, _ in guide.scales())
-    assert guide.kl_to_prior() == float("inf")
+def test_a_point_mass_draws_its_mean_and_has_the_negative_log_prior_as_complexity():
+    """A point mass has no scales and no KL (it used to report zero scales and an infinite KL): its
+    draws are all μ, and its complexity term is −log p(μ)/N."""
+    model = BayesianModel(mlp(), Categorical(), 1.0, 10)
+    guide = KroneckerDelta(model)
+    assert not hasattr(guide, "scales") and not hasattr(guide, "kl_to_prior")
+    assert guide.distinct_draws(2) == 1
     assert all(torch.equal(draw[0], mean) for draw, mean in zip(guide.sample_eigenbasis_blocks(2), guide.means()))
+    torch.testing.assert_close(guide.complexity(), -guide.log_prior_of_mean() / 10)
 
 
 def test_log_prior_of_the_mean_equals_the_prior_density_of_the_weights():
     """log N(μ; 0, ηI) from ‖μ‖² in eigenbasis coordinates, against the prior's log-density summed over
     the network's weights after a few K-FAC steps (rotated eigenbases, moved means)."""
     model = BayesianModel(mlp(), Categorical(), 2.0, 10)
-    guide = KroneckerGuide(model, rho=0.0, damping=0.1)
-    engine = KFACVI(model, guide, lr=0.1, momentum=0.9, inverse_every=1)
+    guide = KroneckerDelta(model, damping=0.1)
+    engine = KFACVI(model, guide, lr=0.1, momentum=0.9, curvature=CurvatureConfig(inverse_every=1))
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     for _ in range(3):
         engine.step(x, y)
@@ -454,10 +466,10 @@ def test_log_prior_of_the_mean_equals_the_prior_density_of_the_weights():
 
 
 def test_memo_is_bypassed_under_inference_mode():
-    guide = KroneckerGuide(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1)
+    guide = KroneckerNormal(BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10), rho=0.1)
     with torch.inference_mode():
-        inside = guide.damped_eigenvalues()[0]
-    outside = guide.damped_eigenvalues()[0]
+        inside = guide.preconditioner()[0]
+    outside = guide.preconditioner()[0]
     assert inside.is_inference() and not outside.is_inference()
 
 
@@ -465,14 +477,14 @@ def test_memo_is_bypassed_under_inference_mode():
 def test_mean_patch_equals_the_mean_of_all_patches_also_after_inference_mode(conv):
     """K-FAC-reduce's mean patch (selection-matrix products, cached per shape) against the mean of
     the unfolded patches; the cache filled under inference mode must not leak inference tensors."""
-    module, adapter = nn.Conv2d(2, 3, 3, **conv).double(), Conv2dAdapter()
+    module = nn.Conv2d(2, 3, 3, **conv).double()
     x = torch.randn(4, 2, 9, 11, dtype=torch.float64)
     patches = F.unfold(x, 3, dilation=module.dilation, padding=module.padding, stride=module.stride)
     reference = patches.mean(-1).reshape(4, 2, 3, 3)
     with torch.inference_mode():
-        adapter.mean_patches(module, x.clone())
+        Conv2dStatistics.mean_patches(module, x.clone())
     leaf = x.clone().requires_grad_()
-    mean, positions = adapter.mean_patches(module, leaf)
+    mean, positions = Conv2dStatistics.mean_patches(module, leaf)
     torch.testing.assert_close(mean, reference)
     assert positions == patches.shape[-1]
     mean.sum().backward()  # fails if a cached selection matrix is an inference tensor

@@ -10,15 +10,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, cli
-from pyro_kfacvi.data import Split
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, CurvatureConfig, KroneckerNormal
 from pyro_kfacvi.distributed import ParallelPlan, draw_weight_samples, grid, payload_bytes
-from pyro_kfacvi.presets import PRESETS
-from pyro_kfacvi.training import Trainer
+from pyro_kfacvi.experiments import cli
+from pyro_kfacvi.experiments.data import Split
+from pyro_kfacvi.experiments.presets import PRESETS
+from pyro_kfacvi.experiments.training import Trainer
 
 STEPS, SAMPLES, BATCH, WORLD = 5, 2, 6, 2  # M samples and B examples per rank
-#: K-FAC (ρ = 0): with weight samples, rounding differences of float32 sums can turn the eigenbasis within
-#: (nearly) degenerate eigenspaces, which changes the samples drawn with it (docs/distributed.md)
+#: K-FAC (a point mass): with weight samples, rounding differences of float32 sums can turn the eigenbasis
+#: within (nearly) degenerate eigenspaces, which changes the samples drawn with it (docs/distributed.md)
 TINY_KFAC = PRESETS["quick-kfac"].replace(channels=(4, 8), hidden=(16, 16), epochs=2, batch_size=12,
                                           train_subset=None, test_samples=2, eval_samples=0, train_eval_size=32,
                                           inverse_every=2, parallel="data")
@@ -32,9 +33,9 @@ def mlp_engine(mode, num_samples, seed=3):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     model = BayesianModel(net, Categorical(), prior_variance=1.0, num_data=1000)
-    guide = KroneckerGuide(model, rho=0.02, damping=1e-2)
-    return KFACVI(model, guide, lr=0.05, momentum=0.9, beta=0.5, num_particles=num_samples, inverse_every=2,
-                  parallel=ParallelPlan(mode, seed))
+    guide = KroneckerNormal(model, rho=0.02, damping=1e-2)
+    return KFACVI(model, guide, lr=0.05, momentum=0.9, num_particles=num_samples,
+                  curvature=CurvatureConfig(beta=0.5, inverse_every=2), parallel=ParallelPlan(mode, seed))
 
 
 def run_mlp(mode, num_samples, global_batch):

@@ -1,10 +1,10 @@
-"""Tests for pyro_kfacvi.models."""
+"""Tests for pyro_kfacvi.experiments.models."""
 
 import pytest
 import torch
 from torch import nn
 
-from pyro_kfacvi.models import LeNet5, ResNet18, build_model
+from pyro_kfacvi.experiments.models import LeNet5, ResNet18, build_model
 
 ALLOWED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
 

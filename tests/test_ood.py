@@ -1,4 +1,4 @@
-"""Out-of-distribution sets of pyro_kfacvi.ood: the idx reader, Fashion-MNIST, noise, permuted CIFAR."""
+"""Out-of-distribution sets of pyro_kfacvi.experiments.ood: the idx reader, Fashion-MNIST, noise, permuted CIFAR."""
 import gzip
 import struct
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_kfacvi.ood import fashion_mnist, find_fashion_mnist, ood_sets, permuted_pixels, read_idx, uniform_noise
+from pyro_kfacvi.experiments.ood import fashion_mnist, find_fashion_mnist, ood_sets, permuted_pixels, read_idx, uniform_noise
 
 
 def write_idx(path, array):

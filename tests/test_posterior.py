@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, Gaussian, KroneckerGuide, WarmupPolynomialLR
+from pyro_kfacvi import (KFACVI, BayesianModel, Categorical, CurvatureConfig, Gaussian, KroneckerDelta,
+                         KroneckerNormal, WarmupPolynomialLR)
 
 
 @pytest.fixture(autouse=True)
@@ -40,9 +41,10 @@ def test_exact_posterior_of_bayesian_linear_regression():
     x = torch.randn(n, d)
     y = x @ torch.randn(k, d).T + torch.randn(k) + sigma * torch.randn(n, k)
     model = BayesianModel(nn.Linear(d, k), Gaussian(sigma), eta, n)
-    guide = KroneckerGuide(model)  # ELBO-exact Noisy K-FAC
+    guide = KroneckerNormal(model, damping=0.0)  # ELBO-exact Noisy K-FAC
     schedule = WarmupPolynomialLR(0.5, 0.5, total_steps=400, steps_per_epoch=1, warmup_steps=0, power=1.0)
-    engine = KFACVI(model, guide, lr=schedule, damping=0.0, beta=0.02, num_particles=16, fisher="mc", inverse_every=1)
+    engine = KFACVI(model, guide, lr=schedule, num_particles=16,
+                    curvature=CurvatureConfig(fisher="mc", beta=0.02, inverse_every=1))
     for _ in range(400):
         engine.step(x, y)
 
@@ -61,13 +63,17 @@ def test_exact_posterior_of_bayesian_linear_regression():
 
 def small_guide(rho, damping, bias=True, split_damping=False):
     model = BayesianModel(nn.Linear(3, 2, bias=bias), Categorical(), 0.7, 100)
-    guide = KroneckerGuide(model, rho=rho, damping=damping, split_damping=split_damping)
+    guide = KroneckerNormal(model, rho=rho, damping=damping, split_damping=split_damping)
     curvature = guide.blocks[0].curvature
     d_in = 3 + bias
     a, g = torch.randn(d_in, d_in), torch.randn(2, 2)
-    curvature.update((a @ a.T / d_in, g @ g.T / 2), beta=1.0)
-    curvature.refresh()
+    set_factors(curvature, (a @ a.T / d_in, g @ g.T / 2))
     return model, guide, curvature
+
+
+def set_factors(curvature, factors):
+    """F̂ = ``factors`` and their eigenbases (the mean's eigenbasis coordinates are kept)."""
+    curvature.commit(factors, curvature.decompose(factors))
 
 
 def split_damped(curvature, damping):
@@ -104,7 +110,7 @@ def test_log_q_and_kl_match_dense_gaussian():
 
 def test_point_mass_guide_returns_its_mean():
     model = BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 10)
-    guide = KroneckerGuide(model, rho=0)
+    guide = KroneckerDelta(model)
     weight, bias = guide_draws(guide, torch.zeros(1, 3), 4, ["weight", "bias"])
     assert torch.equal(weight, model.net.weight.detach().expand(4, 2, 3))
     assert torch.equal(bias, model.net.bias.detach().expand(4, 2))
@@ -114,12 +120,11 @@ def test_split_damping_preconditions_with_the_damped_factors():
     """split_damping: (A + π√γ I) ⊗ (G + √γ/π I) with π² = (tr A/d_A)/(tr G/d_G), against a dense solve."""
     damping = 0.04
     model = BayesianModel(nn.Linear(3, 2), Categorical(), 1.0, 100)
-    guide = KroneckerGuide(model, rho=0.5, damping=damping, split_damping=True)
+    guide = KroneckerNormal(model, rho=0.5, damping=damping, split_damping=True)
     curvature = guide.blocks[0].curvature
     a, g = torch.randn(4, 4), torch.randn(2, 2)
     a, g = a @ a.T, g @ g.T
-    curvature.update((a, g), beta=1.0)
-    curvature.refresh()
+    set_factors(curvature, (a, g))
     dense = split_damped(curvature, damping)
     grad = torch.randn(2, 4)
     expected = torch.linalg.solve(dense, grad.T.reshape(-1)).reshape(4, 2).T
@@ -129,5 +134,5 @@ def test_split_damping_preconditions_with_the_damped_factors():
     preconditioned = before - mean
     torch.testing.assert_close(curvature.from_eigenbasis(preconditioned), expected)
     q = guide.distributions()[0]
-    torch.testing.assert_close(q.scale**2, 0.25 / curvature.eigenvalues(damping))
+    torch.testing.assert_close(q.scale**2, 0.25 / curvature.split_eigenvalues(damping))
 

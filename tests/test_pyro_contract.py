@@ -6,8 +6,8 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, Gaussian, KroneckerNormal, Predictive
 from pyro_kfacvi.layers import run_sampled
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, Gaussian, KroneckerGuide, Predictive
 
 
 class Net(nn.Module):
@@ -26,7 +26,7 @@ def trained():
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
     model = BayesianModel(Net(), Categorical(), 1.0, 100)
-    guide = KroneckerGuide(model, kl_weight=1.0)
+    guide = KroneckerNormal(model, kl_weight=1.0)
     engine = KFACVI(model, guide, lr=0.05, num_particles=4)
     x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
     for _ in range(20):
@@ -102,7 +102,7 @@ def test_trace_elbo_matches_the_engine_loss(trained):
 def test_gaussian_predictive_mean_and_variance():
     torch.manual_seed(1)
     model = BayesianModel(nn.Linear(2, 1), Gaussian(0.3), 1.0, 50)
-    guide = KroneckerGuide(model, rho=0.2, damping=1.0)
+    guide = KroneckerNormal(model, rho=0.2, damping=1.0)
     x = torch.randn(5, 2)
     mean, var = Predictive(model, guide, 20000)(x)
     # with A = G = I, Σ = ρ²/(1+γ) I: f = w·x + b has variance ρ²/(1+γ)(|x|² + 1)

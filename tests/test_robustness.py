@@ -14,24 +14,26 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, KroneckerGuide, cli
-from pyro_kfacvi import curvature
-from pyro_kfacvi.data import cifar10
-from pyro_kfacvi.model import all_finite
-from pyro_kfacvi.presets import TrainConfig
-from pyro_kfacvi.training import CheckpointError, Trainer, TrainingInterrupted, load_checkpoint
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, CurvatureConfig, KroneckerNormal, Retry, curvature
+from pyro_kfacvi.curvature.estimator import all_finite
+from pyro_kfacvi.experiments import cli
+from pyro_kfacvi.experiments.checkpoints import CheckpointError, load_checkpoint
+from pyro_kfacvi.experiments.data import cifar10
+from pyro_kfacvi.experiments.presets import TrainConfig
+from pyro_kfacvi.experiments.training import CHECKPOINT_FORMAT, Trainer, TrainingInterrupted
 from test_training import TINY, _strip_times, cifar10_root, fake_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small_engine(**kwargs):
+def small_engine(damping=1e-3, **kwargs):
     """A convolution, a BatchNorm (whose running statistics the forward pass moves) and a linear
     layer on 8x8 images with 5 classes, after one step so that F̂ and the momentum are not trivial."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
     model = BayesianModel(net, Categorical(), 1.0, 100)
-    engine = KFACVI(model, KroneckerGuide(model, rho=0.1), lr=0.1, momentum=0.9, num_particles=2, **kwargs)
+    guide = KroneckerNormal(model, rho=0.1, damping=damping)
+    engine = KFACVI(model, guide, lr=0.1, momentum=0.9, num_particles=2, **kwargs)
     engine.step(*batch())
     return engine
 
@@ -41,17 +43,20 @@ def batch(n=8):
 
 
 def state_of(engine):
-    """Everything a step may change: guide buffers, network buffers, momentum, iteration, damping."""
+    """Everything a step may change: guide buffers and damping (its extra state), network buffers,
+    momentum, iteration."""
     return copy.deepcopy({"guide": engine.guide.state_dict(), "model": engine.model.state_dict(),
                           "engine": engine.state_dict()})
 
 
 def assert_same_state(a, b):
     assert a["engine"]["iteration"] == b["engine"]["iteration"]
-    assert a["engine"]["damping"] == b["engine"]["damping"]
+    assert a["guide"]["_extra_state"]["damping"] == b["guide"]["_extra_state"]["damping"]
     for name in ("guide", "model"):
+        assert a[name].keys() == b[name].keys()
         for key, value in a[name].items():
-            assert torch.equal(value, b[name][key]), f"{name}.{key}"
+            same = torch.equal(value, b[name][key]) if torch.is_tensor(value) else value == b[name][key]
+            assert same, f"{name}.{key}"
     for va, vb in zip(a["engine"]["velocities"], b["engine"]["velocities"], strict=True):
         assert torch.equal(va, vb)
 
@@ -100,12 +105,15 @@ def test_finite_inputs_whose_sum_overflows_pass_the_value_check(dtype):
     (lambda m, g: KFACVI(m, g, lr=0.0), "lr must be a positive number"),
     (lambda m, g: KFACVI(m, g, lr=-1e-3), "lr must be a positive number"),
     (lambda m, g: KFACVI(m, g, lr=float("nan")), "lr must be a positive number"),
-    (lambda m, g: KFACVI(m, g, lr=0.1, damping=0.0), "damping=0 leaves F̂ \\+ γI singular"),
-    (lambda m, g: KFACVI(m, g, lr=0.1, damping=-1.0), "damping must be a finite number >= 0"),
+    (lambda m, g: KFACVI(m, KroneckerNormal(m, rho=0.1, damping=0.0), lr=0.1), "damping=0 leaves F̂ \\+ γI singular"),
+    (lambda m, g: KroneckerNormal(m, rho=0.1, damping=-1.0), "damping must be a finite number >= 0"),
+    (lambda m, g: setattr(g, "damping", float("inf")), "damping must be a finite number >= 0"),
     (lambda m, g: KFACVI(m, g, lr=0.1, on_nonfinite="ignore"), "on_nonfinite must be one of"),
-    (lambda m, g: KFACVI(m, g, lr=0.1, max_retries=-1), "invalid max_retries"),
-    (lambda m, g: KFACVI(m, g, lr=0.1, damping_growth=1.0), "invalid damping_growth"),
-    (lambda m, g: KFACVI(m, g, lr=0.1, kfac_approx="diagonal"), "kfac_approx must be one of"),
+    (lambda m, g: KFACVI(m, g, lr=0.1, on_nonfinite=Retry(max_retries=-1)), "max_retries must be an integer >= 0"),
+    (lambda m, g: KFACVI(m, g, lr=0.1, on_nonfinite=Retry(damping_growth=1.0)),
+     "damping_growth must be a finite number > 1"),
+    (lambda m, g: KFACVI(m, g, lr=0.1, curvature=CurvatureConfig(kfac_approx="diagonal")),
+     "kfac_approx must be one of"),
     (lambda m, g: TrainConfig(kfac_approx="Reduce"), "kfac_approx must be one of"),
     (lambda m, g: TrainConfig(damping=0.0), "'kfacvi' needs damping > 0"),
     (lambda m, g: TrainConfig(on_nonfinite="ignore"), "on_nonfinite must be one of"),
@@ -114,7 +122,7 @@ def test_finite_inputs_whose_sum_overflows_pass_the_value_check(dtype):
 def test_invalid_hyperparameters_are_rejected(make, match):
     model = BayesianModel(nn.Linear(2, 3), Categorical(), 1.0, 10)
     with pytest.raises(ValueError, match=match):
-        make(model, KroneckerGuide(model, rho=0.1))
+        make(model, KroneckerNormal(model, rho=0.1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def test_non_finite_statistics_are_rejected_without_changing_the_state(monkeypat
 
 
 def test_retry_policy_grows_the_damping_and_takes_the_step(monkeypatch):
-    engine = small_engine(on_nonfinite="retry", damping=1e-3, damping_growth=10.0)
+    engine = small_engine(damping=1e-3, on_nonfinite=Retry(damping_growth=10.0))
     before = state_of(engine)
     calls = poison_statistics(engine, monkeypatch, "gradient", float("nan"), attempts=2)
     with pytest.warns(RuntimeWarning, match="Retrying") as warned:
@@ -171,14 +179,16 @@ def test_retry_policy_grows_the_damping_and_takes_the_step(monkeypatch):
     assert [str(w.message).split("Retrying ")[1] for w in warned] == ["(1 of 3) with damping 0.01.",
                                                                       "(2 of 3) with damping 0.1."]
     assert len(calls) == 3 and engine.guide.damping == pytest.approx(0.1) and engine.iteration == 2
-    assert engine.state_dict()["damping"] == engine.guide.damping  # checkpoints keep the grown damping
+    # checkpoints keep the grown damping, in the guide's state
+    assert engine.guide.state_dict()["_extra_state"]["damping"] == engine.guide.damping
+    assert "damping" not in engine.state_dict()
     moved = [not torch.equal(block.eigenbasis_loc, before["guide"][f"blocks.{i}.eigenbasis_loc"]) for i, block in enumerate(engine.guide.blocks)]
     assert all(moved) and all(torch.isfinite(block.loc).all() for block in engine.guide.blocks)
     assert torch.isfinite(torch.tensor(loss))
 
 
 def test_exhausted_retries_restore_the_damping_and_raise(monkeypatch):
-    engine = small_engine(on_nonfinite="retry", damping=1e-3, max_retries=2)
+    engine = small_engine(damping=1e-3, on_nonfinite=Retry(max_retries=2))
     before = state_of(engine)
     calls = poison_statistics(engine, monkeypatch, "factor", float("inf"), attempts=3)
     with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match=r"2 retries .* up to 0.1 failed too"):
@@ -189,7 +199,7 @@ def test_exhausted_retries_restore_the_damping_and_raise(monkeypatch):
 
 def test_ill_conditioned_factors_give_a_valid_eigenbasis_and_a_finite_step(monkeypatch):
     """Rank-one factors with an asymmetric round-off: their symmetric part has negative eigenvalues."""
-    engine = small_engine(damping=1e-3, beta=1.0, inverse_every=1)
+    engine = small_engine(damping=1e-3, curvature=CurvatureConfig(beta=1.0, inverse_every=1))
     real = engine.statistics
 
     def ill_conditioned(*args, **kwargs):
@@ -365,8 +375,10 @@ def test_checkpoint_of_a_different_run_or_a_damaged_file_is_rejected(tmp_path, m
     assert_same_state(state_of(other.engine), before)
     with pytest.raises(CheckpointError, match="trained on 192 images, this training set has 160"):
         Trainer(TINY, fake_data(n_train=160), progress=False, log=None).load_state(state)
-    with pytest.raises(CheckpointError, match="has format 1, this version reads format 2"):
-        Trainer(TINY, fake_data(), progress=False, log=None).load_state({**state, "format": 1})  # μ in weight coordinates
+    # format 1: μ in weight coordinates; format 2: γ in the engine's state, the guide's family not saved
+    for old in range(1, CHECKPOINT_FORMAT):
+        with pytest.raises(CheckpointError, match=f"has format {old}, this version reads format {CHECKPOINT_FORMAT}"):
+            Trainer(TINY, fake_data(), progress=False, log=None).load_state({**state, "format": old})
 
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[:5000])  # cut off, as by a full disk

@@ -1,11 +1,11 @@
-"""Corruptions of pyro_kfacvi.shift against independent references (scipy, PIL, colorsys)."""
+"""Corruptions of pyro_kfacvi.experiments.shift against independent references (scipy, PIL, colorsys)."""
 import colorsys
 
 import numpy as np
 import pytest
 import torch
 
-from pyro_kfacvi.shift import (CORRUPTIONS, SEVERITIES, box_resize, brightness, contrast, corrupt, gaussian_blur,
+from pyro_kfacvi.experiments.shift import (CORRUPTIONS, SEVERITIES, box_resize, brightness, contrast, corrupt, gaussian_blur,
                                gaussian_noise, pixelate)
 
 

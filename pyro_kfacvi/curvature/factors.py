@@ -48,31 +48,39 @@ def _jittered_eigh(sym, name):
     return sym.diagonal().nan_to_num(0.0, 0.0, 0.0), torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
 
 
+def _dense_eigh(sym, name):
+    """In float32, else in float64, else :func:`_jittered_eigh`."""
+    return _eigh(sym) or _eigh(sym.double()) or _jittered_eigh(sym, name)
+
+
 def _deflated_eigh(sym, name):
-    """Eigendecomposition with the rows and columns that are exactly zero (inputs a layer never sees,
-    e.g. the padding-only patches of a 1×1 feature map) deflated: their eigenvectors are unit vectors
-    with eigenvalue 0, and only the rest is decomposed, in float64 (:func:`_jittered_eigh` if needed)."""
-    active = sym.ne(0).any(0)
-    values = torch.zeros(sym.shape[0], dtype=torch.float64, device=sym.device)
-    vectors = torch.eye(sym.shape[0], dtype=torch.float64, device=sym.device)
-    index = active.nonzero().squeeze(1)
+    """Eigendecomposition of ``sym`` with its exactly zero rows and columns deflated (eigenvalue 0,
+    unit eigenvectors) and the rest decomposed by :func:`_dense_eigh`."""
+    index = sym.ne(0).any(0).nonzero().squeeze(1)
+    values = torch.zeros(sym.shape[0], dtype=sym.dtype, device=sym.device)
+    vectors = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
     if index.numel():
-        block = sym[index][:, index].double()
-        sub_values, sub_vectors = _eigh(block) or _jittered_eigh(block, name)
-        values[index] = sub_values.double()
-        vectors[index.unsqueeze(1), index] = sub_vectors.double()
+        live = sym[index][:, index]
+        live_values, live_vectors = _dense_eigh(live, name)
+        values[index] = live_values.to(sym.dtype)
+        vectors[index.unsqueeze(1), index] = live_vectors.to(sym.dtype)
     return values, vectors
 
 
 def symmetric_eigh(matrix, name="?"):
     """Eigendecomposition of a PSD factor: symmetrised, eigenvalues clamped at zero (round-off makes
-    them slightly negative). It cannot raise: LAPACK can fail in float32 — by raising, or silently
-    with NaN output when the matrix holds denormal numbers (e.g. G of dead ReLU units) — so a failed
-    float32 result is redone in float64, then with exactly zero rows deflated and the rest decomposed
-    (:func:`_deflated_eigh`), with a jitter, and at last replaced by the diagonal (:func:`_jittered_eigh`)."""
+    them slightly negative). Rows and columns that are exactly zero (inputs a layer never sees, e.g.
+    the padding-only patches of a 1×1 feature map, or units that are dead on every example) are
+    deflated: their eigenvectors are unit vectors with eigenvalue 0, and only the rest is decomposed
+    (:func:`_deflated_eigh`; a 4608 × 4608 factor with 512 live rows costs what a 512 × 512 one does).
+    It cannot raise: LAPACK can fail in float32 — by raising, or silently with NaN output when the
+    matrix holds denormal numbers (e.g. G of nearly dead units) — so a failed float32 result is
+    redone in float64, then with a jitter, and at last replaced by the diagonal (:func:`_jittered_eigh`)."""
     sym = 0.5 * (matrix + matrix.T)
-    result = _eigh(sym) or _eigh(sym.double()) or _deflated_eigh(sym, name)
-    values, vectors = result
+    if bool(sym.ne(0).any(0).all()):
+        values, vectors = _dense_eigh(sym, name)
+    else:
+        values, vectors = _deflated_eigh(sym, name)
     return values.clamp_min(0).to(sym.dtype), vectors.to(sym.dtype)
 
 

@@ -202,7 +202,7 @@ def _locate(root: str | os.PathLike | None, download: bool) -> Path:
                 "no CIFAR-10 location given: pass root (--data-dir) or set the "
                 f"{DATA_ENV_VAR} environment variable to the folder containing {_FOLDER}"
             )
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().resolve()  # a relative path stays right if the working directory changes
     if root.name == _FOLDER and root.is_dir():
         return root
     folder = root / _FOLDER
@@ -212,7 +212,7 @@ def _locate(root: str | os.PathLike | None, download: bool) -> Path:
         raise DataError(
             f"CIFAR-10 not found: searched {folder} (and {root} itself). Point root "
             f"(--data-dir) or the {DATA_ENV_VAR} environment variable at the folder "
-            f"containing {_FOLDER}, or pass download=True (--download) to fetch it."
+            f"containing {_FOLDER}; to fetch it, call pyro_kfacvi.experiments.data.cifar10(root, download=True) once."
         )
     parent = root.parent if root.name == _FOLDER else root
     try:
