@@ -194,6 +194,7 @@ class KFACVI:
         # ḡ, drawn in the old eigenbases, moves along with μ and v
         self.guide.commit_curvature(update, carried=list(zip(self.velocities, stats.grads)))
         self.update(stats.grads, *self.hyperparameters(t))
+        self.model.update_hyperparameters(stats, self.guide)
         self.iteration += 1
 
     def statistics(self, x, y, block_samples, with_curvature=True):

@@ -87,6 +87,10 @@ class BayesianModel(nn.Module):
             out = out.squeeze(len(sample_shape) - 1)
         return out
 
+    def update_hyperparameters(self, stats, guide):
+        """Called by the engine after each committed step with the step's statistics (means) and the
+        guide: the place for hyperparameters learned during training. Nothing to do yet."""
+
     def check_batch(self, x, y=None):
         """Shape checks that need no host synchronisation."""
         if not torch.is_tensor(x):

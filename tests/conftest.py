@@ -1,3 +1,4 @@
+import pyro
 import pytest
 import torch
 
@@ -12,6 +13,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64():
+    """Float64 by default, torch and Pyro seeded with 0."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def kronecker_guide(model, rho, **kwargs):

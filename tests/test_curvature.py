@@ -388,7 +388,7 @@ def test_memoised_spectrum_follows_every_change_of_the_curvature():
     checked against values computed from scratch (a dense reference for the KL)."""
     model = BayesianModel(nn.Linear(3, 2), Categorical(), 2.0, 100)
     guide = KroneckerNormal(model, rho=0.3, damping=0.1, split_damping=True)
-    block, curvature = guide.blocks[0], guide.blocks[0].curvature
+    curvature = guide.blocks[0].curvature
 
     def reference_kl():
         q = guide.distributions()[0]

@@ -10,16 +10,6 @@ from pyro_kfacvi import (KFACVI, BayesianModel, Categorical, CurvatureConfig, Ga
 from pyro_kfacvi.guides import GuideStateError
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    pyro.set_rng_seed(0)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def bayesian_linear_regression(n=400, d=6, k=3, sigma=0.7, eta=2.0):
     """Data, model and the closed-form posterior of vec(W̃) (column-major), W̃ = [W | b]: rows of W̃
     independent, each N(Λ⁻¹ X̃ᵀ y / σ², Λ⁻¹) with Λ = X̃ᵀX̃/σ² + I/η."""

@@ -10,13 +10,8 @@ from pyro_kfacvi import (KFACVI, BayesianModel, Categorical, CurvatureConfig, Ga
 
 
 @pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    pyro.set_rng_seed(0)
-    yield
-    torch.set_default_dtype(previous)
+def _float64(float64):
+    """Every test of this module in float64 (conftest's fixture)."""
 
 
 def guide_draws(guide, x, num_samples, sites):
