@@ -11,6 +11,15 @@ WEIGHT_DECAY_MODES = ("coupled", "decoupled", "literal")
 NONFINITE_POLICIES = ("raise", "retry")
 
 
+class NonFiniteStepError(FloatingPointError):
+    """A step whose loss, gradients or curvature were not finite (after any retries); nothing changed.
+    ``fact`` says what happened, without the advice in API words that the message adds."""
+
+    def __init__(self, fact, advice):
+        super().__init__(f"{fact} {advice}")
+        self.fact = fact
+
+
 @dataclass(frozen=True)
 class Retry:
     """What a step whose loss, gradients or curvature are not finite does under
@@ -96,13 +105,18 @@ class KFACVI:
     :param model: :class:`~pyro_kfacvi.BayesianModel`.
     :param guide: a :class:`~pyro_kfacvi.guides.KroneckerGuide` of that model.
     :param lr: α, a float or a schedule ``t ↦ α_t`` (e.g. :class:`~pyro_kfacvi.WarmupPolynomialLR`,
-        whose ``momentum_scale`` also sets m_t, eq. 6).
-    :param float momentum: m (m_base under a schedule).
+        whose ``momentum_scale`` also sets m_t, eq. 6). Default 0.3: with the trust region below, a
+        natural-gradient step that is a sizeable fraction of a Newton step where the quadratic model
+        allows it (docs/robustness.md, "Defaults").
+    :param float momentum: m (m_base under a schedule); default 0.9.
     :param float weight_decay: λ.
     :param str weight_decay_mode: see above.
     :param int num_particles: M.
     :param CurvatureConfig curvature: the Fisher type, Kronecker approximation, β of eq. (9) and
         the refresh intervals (default: ``CurvatureConfig()``).
+    :param float kl_clip: c of the trust region: each step is scaled down so that the quadratic
+        model's change of the objective per datum, ½α²vᵀ(F̂ + γI)v, stays ≤ c (:meth:`trust_region_factor`);
+        default 1e-2; ``None``: no bound (the paper's update).
     :param on_nonfinite: ``"raise"`` a ``FloatingPointError`` for a step whose loss, gradients or
         curvature are not finite, or ``"retry"`` / a :class:`Retry` (its doc). A rejected attempt
         changes nothing: μ, F̂, the eigenbases, the momentum and the network's buffers stay as they were.
@@ -111,8 +125,8 @@ class KFACVI:
         all ranks before the update, so every :meth:`step` is a collective call (``None``: one process).
     """
 
-    def __init__(self, model, guide, lr, momentum=0.0, weight_decay=0.0, weight_decay_mode="decoupled",
-                 num_particles=1, curvature=None, on_nonfinite="raise", parallel=None):
+    def __init__(self, model, guide, lr=0.3, momentum=0.9, weight_decay=0.0, weight_decay_mode="decoupled",
+                 num_particles=1, curvature=None, kl_clip=1e-2, on_nonfinite="raise", parallel=None):
         if guide.model is not model:
             raise ValueError("the guide was built for a different model")
         if not callable(lr) and not (lr > 0 and math.isfinite(lr)):
@@ -137,6 +151,9 @@ class KFACVI:
         self.curvature = curvature if curvature is not None else CurvatureConfig()
         self.estimator = FisherEstimator(self.curvature)
         self.retry = _retry_policy(on_nonfinite)
+        if kl_clip is not None and not (kl_clip > 0 and math.isfinite(kl_clip)):
+            raise ValueError(f"kl_clip must be None or a positive number, got {kl_clip}")
+        self.kl_clip = kl_clip
         self.parallel = parallel
         self.iteration = 0
         self.last_complexity = None  # the complexity term of the loss the last step returned
@@ -223,13 +240,13 @@ class KFACVI:
                      "the guide was left unchanged.")
             if attempt == attempts:
                 if attempts == 1:
-                    raise FloatingPointError(f"{fault} Typical causes: a learning rate too large for the damping "
-                                             "(increase the guide's damping, use split_damping=True or "
+                    raise NonFiniteStepError(fault, "Typical causes: a learning rate too large for the damping "
+                                             "(increase the guide's damping, lower lr or kl_clip, use "
                                              "on_nonfinite='retry'), or a diverged run.")
                 growth = self.retry.damping_growth
-                raise FloatingPointError(f"{fault} {attempts - 1} retries with the damping grown up to "
+                raise NonFiniteStepError(f"{fault} {attempts - 1} retries with the damping grown up to "
                                          f"{damping * growth ** (attempts - 1):.3g} failed too; the damping is "
-                                         f"back at {damping:.3g}.")
+                                         f"back at {damping:.3g}.", "Lower lr or kl_clip.")
             self.guide.damping *= self.retry.damping_growth
             warnings.warn(f"{fault} Retrying ({attempt} of {attempts - 1}) with damping {self.guide.damping:.3g}.",
                           RuntimeWarning, stacklevel=3)
@@ -254,11 +271,23 @@ class KFACVI:
         means = guide.means()
         if coupled:
             grads = torch._foreach_add(grads, means, alpha=coupled)
+        preconditioner = guide.preconditioner()
         torch._foreach_mul_(self.velocities, momentum)
-        torch._foreach_addcdiv_(self.velocities, grads, guide.preconditioner())  # (10)
+        torch._foreach_addcdiv_(self.velocities, grads, preconditioner)  # (10)
         if decoupled[self.weight_decay_mode]:
             torch._foreach_add_(self.velocities, means, alpha=decoupled[self.weight_decay_mode])  # (10)
+        if self.kl_clip is not None:
+            torch._foreach_mul_(self.velocities, self.trust_region_factor(lr, preconditioner))
         torch._foreach_add_(means, self.velocities, alpha=-lr)  # (11)
+
+    def trust_region_factor(self, lr, preconditioner):
+        """ν = min(1, √(2c / (α² vᵀ(F̂ + γI)v))): the factor that bounds the quadratic model's change of
+        the objective per datum, ½α²vᵀ(F̂ + γI)v — a KL between the predictives before and after the
+        step for the Fisher — by c = ``kl_clip`` (Ba et al. 2017; torchsso's and NNG's KL clipping).
+        A tensor: no host synchronisation."""
+        squares = torch._foreach_mul(self.velocities, self.velocities)
+        quadratic = torch.stack([torch.sum(sq * e) for sq, e in zip(squares, preconditioner)]).sum()
+        return (2 * self.kl_clip / (lr * lr * quadratic)).sqrt().clamp(max=1.0)
 
     # ----------------------------------------------------------------------------------------
     def state_dict(self):

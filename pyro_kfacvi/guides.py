@@ -99,12 +99,13 @@ class KroneckerGuide(nn.Module):
     (the pattern of Pyro's ``AutoMultivariateNormal``).
 
     :param BayesianModel model: the model whose weight sites this guide covers.
-    :param float damping: γ, the extrinsic damping of the preconditioner (F̂ + γI)⁻¹ of eq. (10).
+    :param float damping: γ, the extrinsic damping of the preconditioner (F̂ + γI)⁻¹ of eq. (10);
+        default 1e-2 (docs/robustness.md, "Defaults").
     :param bool split_damping: damp the factors, (A + π√γ I) ⊗ (G + √γ/π I), as K-FAC and
         torchsso do, instead of the exact A ⊗ G + γI (default).
     """
 
-    def __init__(self, model, damping=1e-3, split_damping=False):
+    def __init__(self, model, damping=1e-2, split_damping=False):
         super().__init__()
         self._model = (model,)
         self.derived = DerivedValues()
@@ -332,7 +333,7 @@ class KroneckerNormal(KroneckerGuide):
     :param bool split_damping: see :class:`KroneckerGuide`.
     """
 
-    def __init__(self, model, rho=None, kl_weight=1.0, damping=1e-3, split_damping=False):
+    def __init__(self, model, rho=None, kl_weight=1.0, damping=1e-2, split_damping=False):
         if rho is not None and not (rho > 0 and math.isfinite(rho)):
             raise ValueError(f"rho must be None (ELBO-exact) or a finite number > 0, got {rho}; "
                              "for a point mass (plain K-FAC) use KroneckerDelta")

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
@@ -32,3 +35,14 @@ def kronecker_guide(model, rho, **kwargs):
     if rho == 0:
         return KroneckerDelta(model, **kwargs)
     return KroneckerNormal(model, rho=rho, **kwargs)
+
+
+@pytest.fixture
+def cifar10_root():
+    """The folder holding cifar-10-batches-py ($KFACVI_DATA, else ../shared/data/cifar10); skips if absent."""
+    env = os.environ.get("KFACVI_DATA")
+    root = Path(env).resolve() if env else Path(__file__).resolve().parents[2] / "shared/data/cifar10"
+    root = root.parent if root.name == "cifar-10-batches-py" else root
+    if not (root / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"CIFAR-10 not found at {root}")
+    return root

@@ -175,9 +175,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     trainer = Trainer(TINY.replace(batch_size=192), fake_data(), out_dir=tmp_path, progress=False, log=None)
     trainer.guide.kl_to_prior = lambda: torch.tensor(float("nan"))
-    with pytest.raises(TrainingDiverged, match=r"(?s)iteration 0 .*damping.*lr-scale"):
+    with pytest.raises(TrainingDiverged, match=r"(?s)iteration 0 .*damping.*lr-scale") as raised:
         trainer.train_epoch()
     assert "diverged" in json.loads((tmp_path / "metrics.json").read_text())["error"]
+    message = str(raised.value)  # the command line's words only: flags, not API arguments
+    assert "--damping" in message and "--kl-clip" in message and "--on-nonfinite retry" in message
+    assert "on_nonfinite=" not in message and "split_damping" not in message and "kl_clip" not in message
+
+
+def test_the_cli_does_not_abbreviate_flags(capsys):
+    """``--lr 0.01`` once set ``--lr-scale`` by argparse's prefix matching."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--preset", "quick", "--lr", "0.01"])
+    assert "unrecognized arguments: --lr 0.01" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def add_config_overrides(parser: argparse.ArgumentParser, config_cls=TrainConfig
             kwargs["metavar"] = field.name.upper()
         if field.name in ("channels", "hidden"):
             kwargs["help"] = "LeNet5 sizes, e.g. 32,64 ('none': the network's default)"
-        elif field.name in ("rho", "train_subset"):
+        elif field.name in ("rho", "train_subset", "kl_clip"):
             kwargs["help"] = "a number, or 'none'"
         elif field.name == "validation":
             kwargs["help"] = ("tuning: hold out the last N training images and report the 'test_' metrics on them "

@@ -199,7 +199,7 @@ class Trainer:
         try:
             loss = engine.step(x, y)
         except FloatingPointError as exc:
-            self._diverged(t, lr, str(exc))
+            self._diverged(t, lr, getattr(exc, "fact", str(exc)))
         # the KL (or −log prior) part of the loss, summed without a host synchronisation
         progress.complexity_sum = progress.complexity_sum + engine.last_complexity
         if not math.isfinite(loss):
@@ -278,8 +278,9 @@ class Trainer:
                  "that returned NaN poisons every later sample).") if bad else ""
         message = (
             f"training diverged at iteration {t} (epoch {self.epoch + 1}, lr {lr:.3g}): {detail}{where}\n"
-            f"Try a larger damping (--damping, now {self.guide.damping:g}), --on-nonfinite retry or a smaller "
-            f"learning rate (--lr-scale, now {self.config.lr_scale:g}). The checkpoint (if any) holds the state "
+            f"Try a larger damping (--damping, now {self.guide.damping:g}), a trust region (--kl-clip, now "
+            f"{self.config.kl_clip}), --on-nonfinite retry or a smaller learning rate (--lr-scale, now "
+            f"{self.config.lr_scale:g}). The checkpoint (if any) holds the state "
             "before the failing step."
         )
         if self.out_dir is not None:
