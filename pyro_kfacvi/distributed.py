@@ -154,13 +154,14 @@ class ParallelPlan:
 
     def sum_statistics(self, stats):
         """The :class:`~pyro_kfacvi.curvature.Statistics` (sums) of every rank added up: NLL,
-        gradients, factors (if computed) and the (sample, example) count, in one all-reduce."""
+        gradients, factors (if computed), the likelihood's statistics and the (sample, example)
+        count, in one all-reduce."""
         tensors = stats.tensors()
         total = self.communicator.all_reduce_sum([stats.nll.reshape(1), stats.nll.new_full((1,), stats.count),
                                                   *tensors])
         summed = iter(total[2 + len(stats.grads):])
         factors = None if stats.factors is None else [tuple(next(summed) for _ in fs) for fs in stats.factors]
-        return Statistics(total[0][0], total[2:2 + len(stats.grads)], factors, total[1][0])
+        return Statistics(total[0][0], total[2:2 + len(stats.grads)], factors, total[1][0], tuple(summed))
 
     def global_batch_size(self, batch_size, num_examples):
         """D·B, the minibatch that the D data shards of B examples split. A last minibatch of an

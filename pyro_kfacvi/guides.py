@@ -16,11 +16,14 @@ the engine's retries may have grown); loading it into a guide of another family,
 configuration raises :class:`GuideStateError`.
 """
 import math
+import warnings
 from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch import nn
 
 from .curvature.factors import DiagonalFactors, KroneckerFactors
@@ -249,6 +252,7 @@ class KroneckerGuide(nn.Module):
         raise NotImplementedError
 
     def forward(self, *args, **kwargs):
+        self._warn_under_svi()
         samples = {}
         for block, q in zip(self.blocks, self.distributions()):
             value = pyro.sample(block.aux_site, q, infer={"is_auxiliary": True})
@@ -256,6 +260,19 @@ class KroneckerGuide(nn.Module):
                 event_dim = part.dim() - value.dim() + block.loc.dim()
                 samples[block.sites[param]] = pyro.sample(block.sites[param], dist.Delta(part, event_dim=event_dim))
         return samples
+
+    _warned_under_svi = False
+
+    def _warn_under_svi(self):
+        """Warn once if ``pyro.infer.SVI`` runs this guide: its step records the Pyro parameters of
+        model and guide (a ``poutine.trace(param_only=True)`` around the loss) to hand them to its
+        optimiser, and this guide has none, so SVI would train nothing. Other traces (``poutine.trace``,
+        ``pyro.infer.Predictive``, ``Trace_ELBO().loss``) do not warn."""
+        if not self._warned_under_svi and any(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK):
+            self._warned_under_svi = True
+            warnings.warn(f"pyro.infer.SVI trains nothing with a {type(self).__name__}: the guide has no Pyro "
+                          "parameters (μ and the curvature are updated by natural gradients, not by a Pyro optimiser). "
+                          "Train it with pyro_kfacvi.KFACVI(model, guide, lr=...).step(x, y).", UserWarning)
 
     def log_q(self, block_samples):
         """log q of each draw, shape ``(M,)``."""
@@ -270,6 +287,15 @@ class KroneckerGuide(nn.Module):
         """‖μ‖² over all blocks, one fused reduction (in eigenbasis coordinates: the bases are orthogonal)."""
         norms = torch.stack(torch._foreach_norm(self.means()))
         return torch.dot(norms, norms)
+
+    def covariance_trace(self):
+        """tr Σ over all blocks."""
+        raise NotImplementedError
+
+    def second_moment(self):
+        """E_q‖θ‖² = ‖μ‖² + tr Σ over all blocks: what the empirical-Bayes prior variance
+        (``BayesianModel(..., prior_variance="auto")``) divides by the number of weights."""
+        return self.mean_squared_norm() + self.covariance_trace()
 
     def log_prior_of_mean(self):
         """log N(μ; 0, ηI) = −½‖μ‖²/η − ½D log(2πη); isotropic, so the same in eigenbasis coordinates."""
@@ -304,6 +330,10 @@ class KroneckerDelta(KroneckerGuide):
 
     def distributions(self):
         return [dist.Delta(block.loc, event_dim=block.loc.dim()) for block in self.blocks]
+
+    def covariance_trace(self):
+        """0: a point mass."""
+        return 0.0
 
     def complexity(self):
         """−log p(μ)/N."""
@@ -405,6 +435,10 @@ class KroneckerNormal(KroneckerGuide):
         else:
             noises = noise(shapes)
         return torch._foreach_addcmul(means, noises, self.spectral_terms().scales)
+
+    def covariance_trace(self):
+        """tr Σ = Σ S² over the eigenbasis scales of all blocks (kept with the spectral terms)."""
+        return sum(variances for _, variances in self.spectral_terms().scale_sums)
 
     def kl_to_prior(self):
         """KL(q ‖ N(0, ηI)) = ½[(tr Σ + ‖μ‖²)/η − D + D log η − log|Σ|] over all D parameters. The

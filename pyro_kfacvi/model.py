@@ -1,5 +1,6 @@
 """A ``torch.nn.Module`` as a Pyro model with an isotropic Gaussian prior on its weights."""
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -24,27 +25,66 @@ class BayesianModel(nn.Module):
     :mod:`pyro_kfacvi.layers`). The network output is recorded as the deterministic site
     ``"output"`` (logits or regression mean) and the labels as ``"obs"``.
 
+    ``prior_variance="auto"`` learns η by empirical Bayes (variational EM): after every step the
+    engine calls :meth:`update_hyperparameters`, which sets η to the maximiser of the ELBO's prior
+    term E_q[log N(θ; 0, ηI)],
+
+    .. math:: η = E_q‖θ‖^2 / P = (‖μ‖^2 + \mathrm{tr}\,Σ) / P
+
+    over all P weights (:meth:`KroneckerGuide.second_moment
+    <pyro_kfacvi.guides.KroneckerGuide.second_moment>`). η is global — one prior N(0, ηI), as with a
+    fixed η: the KL, the ELBO-exact posterior's intrinsic damping π = κ/(Nη) and the guide's
+    memoised spectral terms all take one η, and one η pools all P weights into its estimate
+    (a layer's bias alone has a few). It starts at η = 1, the unit Gaussian prior. For a
+    linear-Gaussian model with q the exact posterior these updates are EM for the evidence
+    p(D | η) and converge to its maximiser (tested). η only shapes the posterior of the ELBO-exact
+    :class:`~pyro_kfacvi.KroneckerNormal`; the other families' prior acts through the engine's
+    weight decay, and there η changes only the reported loss (a warning says so).
+
     :param net: a network built from ``Linear``, ``Conv2d`` and ``BatchNorm1d/2d`` layers and
         parameter-free operations; its current parameters are used only for their shapes (and
         by :class:`~pyro_kfacvi.KroneckerGuide` as the initial posterior mean).
     :param likelihood: :class:`~pyro_kfacvi.likelihoods.Categorical` or
-        :class:`~pyro_kfacvi.likelihoods.Gaussian`.
-    :param float prior_variance: η.
+        :class:`~pyro_kfacvi.likelihoods.Gaussian` (a submodule: moved to the network's dtype and
+        device, its learned noise saved in ``state_dict()``).
+    :param prior_variance: η, a positive float, or ``"auto"`` (above).
     :param int num_data: N, the size of the training set.
     """
 
     def __init__(self, net, likelihood, prior_variance, num_data):
         super().__init__()
-        if not prior_variance > 0 or not math.isfinite(prior_variance):
+        self.learns_prior = isinstance(prior_variance, str)
+        if self.learns_prior and prior_variance != "auto":
+            raise ValueError(f"prior_variance must be a positive number or 'auto', got {prior_variance!r}")
+        if not self.learns_prior and (not prior_variance > 0 or not math.isfinite(prior_variance)):
             raise ValueError(f"prior_variance must be positive and finite, got {prior_variance}")
         if int(num_data) != num_data or num_data < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data}")
         self.net = net
-        self.likelihood = likelihood
-        self.prior_variance = float(prior_variance)
-        self.num_data = int(num_data)
         self.layers = find_layers(net)
+        reference = next(iter(self.weight_sites().values()))[2]
+        self.likelihood = likelihood.to(dtype=reference.dtype, device=reference.device)
+        self._prior_variance = INITIAL_PRIOR_VARIANCE if self.learns_prior else float(prior_variance)
+        if self.learns_prior:  # the state; _prior_variance is its value as a number, kept in step with it
+            self.register_buffer("learned_prior_variance", torch.tensor(self._prior_variance, dtype=torch.float64))
+            self.register_load_state_dict_post_hook(_read_learned_prior)
+        self.num_data = int(num_data)
         self._output_shapes = {}  # (example shape, dtype, device) -> output shape of one example
+
+    @property
+    def prior_variance(self):
+        """η, a float: the given one, or the learned one under ``prior_variance="auto"``."""
+        return self._prior_variance
+
+    @property
+    def num_parameters(self):
+        """P, the number of weights with a prior (all weight sites)."""
+        return sum(p.numel() for _, _, p in self.weight_sites().values())
+
+    def config(self):
+        """The constructor's arguments but the network and the likelihood (which has its own
+        ``config()``): what :func:`pyro_kfacvi.io.load` rebuilds the model from."""
+        return {"prior_variance": "auto" if self.learns_prior else self.prior_variance, "num_data": self.num_data}
 
     def weight_sites(self):
         """``{site name: (layer name, parameter name, parameter)}`` in network order."""
@@ -77,19 +117,38 @@ class BayesianModel(nn.Module):
         sites = self.weight_sites()
         sample_shape = torch.broadcast_shapes(*(weights[n].shape[: weights[n].dim() - p.dim()] for n, (_, _, p) in sites.items()))
         num_samples = math.prod(sample_shape)
-        params = {}
-        for name, (layer, param, p) in sites.items():
-            value = weights[name].expand(*sample_shape, *p.shape).reshape(num_samples, *p.shape)
-            params.setdefault(layer, {})[param] = value
-        out = run_sampled(self.net, self.layers, params, x, num_samples)
+        flat = {name: weights[name].expand(*sample_shape, *p.shape).reshape(num_samples, *p.shape)
+                for name, (_, _, p) in sites.items()}
+        out = run_sampled(self.net, self.layers, self.layer_params(flat), x, num_samples)
         out = out.reshape(*sample_shape, *out.shape[1:])
         if sample_shape and sample_shape[-1] == 1:
             out = out.squeeze(len(sample_shape) - 1)
         return out
 
+    def layer_params(self, weights):
+        """``{weight site: value}`` → ``{layer name: {parameter name: value}}``, as the layers take them."""
+        params = {}
+        for name, (layer, param, _) in self.weight_sites().items():
+            params.setdefault(layer, {})[param] = weights[name]
+        return params
+
     def update_hyperparameters(self, stats, guide):
         """Called by the engine after each committed step with the step's statistics (means) and the
-        guide: the place for hyperparameters learned during training. Nothing to do yet."""
+        guide: the likelihood learns from its statistics (the noise of ``Gaussian(scale=None)``), and
+        under ``prior_variance="auto"`` η ← (‖μ‖² + tr Σ)/P (class doc; one host synchronisation)."""
+        self.likelihood.update(stats.likelihood_stats)
+        if self.learns_prior:
+            if guide.prior_precision == 0:
+                warnings.warn(f"prior_variance='auto' learns η, but a {type(guide).__name__} does not use η in its "
+                              "update (its prior acts through the engine's weight_decay): only the reported loss "
+                              "changes. KroneckerNormal(model) (ELBO-exact) uses it.", stacklevel=3)
+            self.set_learned_prior_variance(float(guide.second_moment()) / self.num_parameters)
+
+    @torch.no_grad()
+    def set_learned_prior_variance(self, value):
+        """Set the learned η (``prior_variance="auto"``): its buffer and its value as a number."""
+        self.learned_prior_variance.fill_(value)
+        self._prior_variance = float(value)
 
     def check_batch(self, x, y=None):
         """Shape checks that need no host synchronisation."""
@@ -99,15 +158,15 @@ class BayesianModel(nn.Module):
             raise ValueError(f"x must hold a non-empty batch, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        output_shape = self.output_shape(x)
         if y is not None:
             if not torch.is_tensor(y):
                 raise TypeError(f"y must be a tensor, got {type(y).__name__}")
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"x and y hold different numbers of examples: {x.shape[0]} and {y.shape[0]}")
-            self.likelihood.check_targets(y)
+            self.likelihood.check_targets(y, output_shape)
             if x.shape[0] > self.num_data:
                 raise ValueError(f"the batch ({x.shape[0]} examples) is larger than num_data={self.num_data}")
-        self.output_shape(x)
 
     def output_shape(self, x):
         """Shape of the network's output for one example of ``x``, cached per example shape.
@@ -129,21 +188,31 @@ class BayesianModel(nn.Module):
                 self.net.train(training)
         return self._output_shapes[key]
 
-    def check_values(self, x, y):
+    def check_values(self, x, y=None):
         """Value checks, at the cost of one host synchronisation: every input finite and every
-        target in the likelihood's support (class labels in 0..C−1 for C network outputs)."""
+        target (if given) in the likelihood's support (class labels in 0..C−1 for C network outputs,
+        finite regression targets)."""
         output_shape = self.output_shape(x)
-        bad_targets = self.likelihood.invalid_targets(y, output_shape)
         # NaN and ±Inf propagate through the sum; a sum that overflowed is checked exactly
-        input_sum = x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
-        input_sum, any_bad_targets = torch.stack([input_sum, bad_targets.any()]).tolist()
+        checks = [x.sum(dtype=torch.promote_types(x.dtype, torch.float32))]
+        if y is not None:
+            bad_targets = self.likelihood.invalid_targets(y, output_shape)
+            checks.append(bad_targets.any())
+        input_sum, *any_bad_targets = torch.stack(checks).tolist()
         bad_inputs = None if math.isfinite(input_sum) else ~torch.isfinite(x.flatten(1)).all(1)
         if bad_inputs is not None and bad_inputs.any():
             num_bad_inputs, first = int(bad_inputs.sum()), int(bad_inputs.nonzero()[0])
             raise ValueError(f"x holds NaN or Inf in {num_bad_inputs} of its {x.shape[0]} examples (the first at "
                              f"index {first}); repair or drop those examples")
-        if any_bad_targets:
+        if any(any_bad_targets):
             num_bad_targets, first = int(bad_targets.sum()), int(bad_targets.nonzero()[0])
             raise ValueError(f"y holds {num_bad_targets} targets outside {self.likelihood.support(output_shape)} "
-                             f"(the first at index {first}: {y[first].tolist()}); check the labels against the "
-                             "network's output size")
+                             f"(the first at index {first}: {y[first].tolist()}); {self.likelihood.remedy}")
+
+
+INITIAL_PRIOR_VARIANCE = 1.0  # η of prior_variance="auto" before the first step
+
+
+def _read_learned_prior(model, incompatible_keys):
+    """After ``load_state_dict``: η as a number from the loaded buffer."""
+    model._prior_variance = float(model.learned_prior_variance)

@@ -70,24 +70,29 @@ def all_finite(tensors, norms):
 @dataclass
 class Statistics:
     """Sums over ``count`` (sample, example) pairs of one minibatch: the negative log-likelihood,
-    the gradient per block (eq. 7, times the count) and, when curvature is computed, the factor
-    sums per block (eq. 8: ``(A, G)`` or ``(diag,)``; ``None`` otherwise). :meth:`means` divides."""
+    the gradient per block (eq. 7, times the count), when curvature is computed the factor sums
+    per block (eq. 8: ``(A, G)`` or ``(diag,)``; ``None`` otherwise), and the likelihood's own
+    statistics (:meth:`Likelihood.statistics <pyro_kfacvi.likelihoods.Likelihood.statistics>`, e.g.
+    the squared residuals from which ``Gaussian(scale=None)`` learns σ; empty for most
+    likelihoods). :meth:`means` divides."""
 
     nll: torch.Tensor
     grads: list
     factors: list | None
     count: int
+    likelihood_stats: tuple = ()
 
     def tensors(self):
-        """The gradients and factors as one list."""
-        return [*self.grads, *flatten(self.factors or [])]
+        """The gradients, factors and likelihood statistics as one list."""
+        return [*self.grads, *flatten(self.factors or []), *self.likelihood_stats]
 
     def means(self):
-        """The statistics per (sample, example): ḡ of eq. (7), F̄ of eq. (8) and the mean NLL."""
+        """The statistics per (sample, example): ḡ of eq. (7), F̄ of eq. (8), the likelihood's
+        statistics and the mean NLL."""
         tensors = torch._foreach_div(self.tensors(), self.count)
         grads, rest = tensors[: len(self.grads)], iter(tensors[len(self.grads):])
         factors = None if self.factors is None else [tuple(next(rest) for _ in fs) for fs in self.factors]
-        return Statistics(self.nll / self.count, grads, factors, 1)
+        return Statistics(self.nll / self.count, grads, factors, 1, tuple(rest))
 
     def all_finite(self, loss):
         """Whether ``loss`` (a tensor), every gradient and every factor are finite, at one host
@@ -150,4 +155,5 @@ class FisherEstimator:
             weight_grads = torch.autograd.grad(nll, leaves)
         factors = [recorder.factors(block.name) for block in guide.blocks] if with_curvature else None
         grads = [sum_over_samples(g) for g in weight_grads]
-        return Statistics(nll.detach(), grads, factors, leaves[0].shape[0] * x.shape[0])
+        count = leaves[0].shape[0] * x.shape[0]
+        return Statistics(nll.detach(), grads, factors, count, likelihood.statistics(out, y))
