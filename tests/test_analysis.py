@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_kfacvi import metrics
-from pyro_kfacvi.experiments import analysis, baselines, cli
+from pyro_kfacvi.experiments import analysis, baselines, cli, peers
 from pyro_kfacvi.experiments.data import Split, normalize
 from pyro_kfacvi.experiments.ood import ood_sets
 from pyro_kfacvi.experiments.presets import PRESETS
@@ -92,6 +92,8 @@ def test_analyze_reports_calibration_shift_and_ood():
 
 @pytest.mark.parametrize("method", list(baselines.METHODS))
 def test_baseline_trains_saves_and_restores(tmp_path, method):
+    if method in peers.PACKAGES:  # the optional extra [peers]
+        pytest.importorskip(peers.PACKAGES[method][0])
     data = fake_data()
     config = baselines.BaselineConfig(method=method, **TINY_BASELINE)
     history, final = baselines.train(config, data, out_dir=tmp_path, log=None)

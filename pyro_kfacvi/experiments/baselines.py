@@ -9,11 +9,17 @@ uncertainty comparison (``kfacvi baseline``, then ``kfacvi analyze``):
 * ``mean-field``: Pyro's SVI with an ``AutoNormal`` guide (a fully factorised Gaussian
   q(θ) = Π_i N(μ_i, σ_i²)) on the same :class:`~pyro_kfacvi.BayesianModel` (prior N(0, ηI),
   likelihood scaled to the data set), ``Trace_ELBO`` with one particle and ``pyro.optim.Adam``;
-  the predictive averages the softmax over S draws from q, as eq. (1).
+  the predictive averages the softmax over S draws from q, as eq. (1);
+* ``ivon`` and ``laplace``: the peers users would pick instead, IVON and Kronecker Laplace, from
+  their own packages (the optional extra ``[peers]``; :mod:`pyro_kfacvi.experiments.peers`).
 
 Every method exposes ``step(x, y)`` (one optimiser step, returns the loss per datum) and
 ``samples(x, num_samples)``: per-sample class probabilities ``(S, N, C)``, with
-``num_samples = 0`` the cheap point prediction (dropout off; the posterior mean μ).
+``num_samples = 0`` the cheap point prediction (dropout off; the posterior mean μ). A method whose
+posterior is fitted after training (``laplace``) also has ``fit_posterior(split)``, called once
+after the last epoch: it returns what the ``final`` record keeps, and from then on
+``samples(x, 0)`` is its named ``point_predictive`` (Laplace's GLM-probit predictive), recorded in
+``final`` as ``<point_predictive>_test_*`` beside the S-sample ``test_*``.
 
 Example::
 
@@ -39,6 +45,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 from ..likelihoods import Categorical
 from ..model import BayesianModel
+from . import peers
 from .models import MODELS, build_model
 from .checkpoints import CHECKPOINT, METRICS, atomic_write, load_checkpoint
 from .evaluation import private_rng, scores, seed_everything
@@ -52,9 +59,13 @@ METHODS = {
     "sgd": "deterministic network, cross-entropy, SGD with momentum",
     "mc-dropout": "dropout on the linear layers' inputs, cross-entropy, Adam; dropout on at test time",
     "mean-field": "Pyro SVI, AutoNormal guide on BayesianModel, Trace_ELBO, Adam",
+    "ivon": "IVON (ivon-opt): diagonal Gaussian by variational online Newton, cosine learning-rate decay",
+    "laplace": "Kronecker Laplace (laplace-torch) on the adam network, marginal-likelihood prior precision",
 }
-#: learning rate when ``BaselineConfig.lr`` is None.
-DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "mc-dropout": 1e-3, "mean-field": 1e-3}
+#: learning rate when ``BaselineConfig.lr`` is None (ivon: its authors' CIFAR-10 setting).
+DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "mc-dropout": 1e-3, "mean-field": 1e-3, "ivon": 0.2, "laplace": 1e-3}
+#: weight decay when ``BaselineConfig.weight_decay`` is None (0 for the methods not listed).
+DEFAULT_WEIGHT_DECAY = {"ivon": 2e-4}
 #: checkpoint ``kind`` that tells baseline checkpoints from KFAC-VI ones.
 KIND = "baseline"
 _BATCH = 1000  # rows per forward pass at test time
@@ -70,8 +81,11 @@ class BaselineConfig:
     channels: tuple[int, ...] | None = None
     hidden: tuple[int, ...] | None = None
     lr: float | None = None  # None: DEFAULT_LR[method]
-    momentum: float = 0.9  # sgd
-    weight_decay: float = 0.0  # adam, sgd, mc-dropout (L2 added to the gradient)
+    momentum: float = 0.9  # sgd; ivon's β1
+    weight_decay: float | None = None  # adam, sgd, mc-dropout, laplace (L2 added to the gradient), ivon's δ
+    hess_init: float = 0.5  # ivon: initial Hessian h_0 (its authors' CIFAR-10 setting)
+    beta2: float = 0.99999  # ivon: β2, the Hessian's moving average
+    ess: float | None = None  # ivon: effective sample size λ; None: the training set size N
     dropout: float = 0.25  # mc-dropout
     prior_variance: float = 1.0  # mean-field: η
     init_scale: float = 1e-3  # mean-field: initial σ_i of q (μ starts at the network's initialisation)
@@ -95,10 +109,17 @@ class BaselineConfig:
                 raise ValueError(f"invalid BaselineConfig: {name} must be >= 1")
         if self.test_samples < 0 or not self.init_scale > 0 or not self.prior_variance > 0:
             raise ValueError("invalid BaselineConfig: test_samples >= 0, init_scale > 0, prior_variance > 0")
+        if not self.hess_init > 0 or not 0 <= self.beta2 <= 1 or not (self.ess is None or self.ess > 0):
+            raise ValueError("invalid BaselineConfig: hess_init > 0, 0 <= beta2 <= 1, ess > 0 or None")
 
     @property
     def learning_rate(self) -> float:
         return DEFAULT_LR[self.method] if self.lr is None else self.lr
+
+    @property
+    def decay(self) -> float:
+        """The weight decay: ``weight_decay``, or the method's default (:data:`DEFAULT_WEIGHT_DECAY`)."""
+        return DEFAULT_WEIGHT_DECAY.get(self.method, 0.0) if self.weight_decay is None else self.weight_decay
 
     def net(self):
         """A freshly initialised network (from the global torch RNG)."""
@@ -126,7 +147,7 @@ class Deterministic:
     def __init__(self, config: BaselineConfig, net):
         self.net = net
         params = net.parameters()
-        lr, wd = config.learning_rate, config.weight_decay
+        lr, wd = config.learning_rate, config.decay
         self.optimizer = (torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=wd)
                           if config.method == "sgd" else torch.optim.Adam(params, lr=lr, weight_decay=wd))
 
@@ -200,10 +221,15 @@ class MeanField:
 
 
 def build(config: BaselineConfig, example, num_data):
-    """The method object for ``config``; ``example`` is an input batch (sets up Pyro's guide)."""
+    """The method object for ``config``; ``example`` is an input batch (sets up Pyro's guide).
+    A peer method without its package raises :class:`~pyro_kfacvi.experiments.peers.PeerNotInstalled`."""
     net = config.net().to(example.device)
     if config.method == "mean-field":
         return MeanField(config, net, example, num_data)
+    if config.method == "ivon":
+        return peers.IVON(config, net, num_data)
+    if config.method == "laplace":
+        return peers.KroneckerLaplace(Deterministic(config, net))
     return (MCDropout if config.method == "mc-dropout" else Deterministic)(config, net)
 
 
@@ -242,10 +268,15 @@ def train(config: BaselineConfig, data, out_dir=None, log=print):
                 f"{record['test_acc']:.4f}  nll {record['test_nll']:.4f}  ece {record['test_ece']:.4f}  ({record['time']:.1f}s)")
     start = time.perf_counter()
     final = {"test_samples": config.test_samples, "epochs": config.epochs}
+    fit_posterior = getattr(method, "fit_posterior", None)  # a posterior fitted after training (module doc)
+    if fit_posterior is not None:
+        final.update(fit_posterior(train_split))
+        final.update(_evaluate(method, data.test, 0, config.seed, f"{method.point_predictive}_test_"))
     final.update(_evaluate(method, data.test, config.test_samples, config.seed, "test_"))
     final["wall_time"] = elapsed + time.perf_counter() - start
     if log is not None:
-        log(f"final (S={config.test_samples}): " + "  ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("test_")))
+        log(f"final (S={config.test_samples}): " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()
+                                                              if k not in ("test_samples", "epochs", "wall_time")))
     if out_dir is not None:
         _save(Path(out_dir), config, method, len(train_split), history, final)
     return history, final

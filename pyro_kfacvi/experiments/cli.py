@@ -7,9 +7,11 @@ field has an override flag (``--base-lr``, ``--lr-scale``, ``--rho``, ``--mc-sam
 run from its checkpoint. ``kfacvi evaluate --checkpoint PATH --test-samples S`` prints the Monte
 Carlo test metrics of a checkpoint as JSON.
 
-``kfacvi baseline --method adam|sgd|mc-dropout|mean-field --out DIR [--FIELD VALUE ...]`` trains a
-baseline of :mod:`pyro_kfacvi.baselines` (every :class:`~pyro_kfacvi.baselines.BaselineConfig`
-field has a flag). ``kfacvi analyze --checkpoint PATH --out DIR`` runs the uncertainty analysis of
+``kfacvi baseline --method adam|sgd|mc-dropout|mean-field|ivon|laplace --out DIR [--FIELD VALUE ...]``
+trains a baseline of :mod:`pyro_kfacvi.baselines` (every :class:`~pyro_kfacvi.baselines.BaselineConfig`
+field has a flag); ``ivon`` and ``laplace`` need the optional extra ``[peers]``
+(:mod:`pyro_kfacvi.experiments.peers`; without it the command says what to install and exits 2).
+``kfacvi analyze --checkpoint PATH --out DIR`` runs the uncertainty analysis of
 :mod:`pyro_kfacvi.analysis` on either kind of checkpoint: ``DIR/report.json`` and PNG figures.
 
 ``kfacvi payload --preset NAME`` prints the bytes one step all-reduces per layer under ``--parallel``.
@@ -35,6 +37,7 @@ from ..curvature import FISHER_TYPES, KFAC_APPROXIMATIONS
 from ..distributed import MODES, init_process_group, launched_by_torchrun, payload_bytes
 from ..engine import NONFINITE_POLICIES, WEIGHT_DECAY_MODES
 from .baselines import METHODS, BaselineConfig
+from .peers import PeerNotInstalled, require
 from .checkpoints import CheckpointError, atomic_write
 from .models import MODELS
 from .presets import OPTIMIZERS, PRESETS, TrainConfig, build
@@ -136,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", metavar="FILE", help="also write the JSON here (default: RUN/evaluation-S<S>.json)")
     _common(ev)
 
-    base = sub.add_parser("baseline", help="train a baseline (Adam, SGD, MC dropout, mean-field SVI)",
+    base = sub.add_parser("baseline", help="train a baseline (Adam, SGD, MC dropout, mean-field SVI, IVON, "
+                          "Kronecker Laplace)",
                           allow_abbrev=False)
     base.add_argument("--out", required=True, metavar="DIR", help="run folder")
     _common(base)
@@ -275,6 +279,7 @@ def cmd_baseline(args, parser) -> int:
     out = Path(args.out)
     if (out / "checkpoint.pt").exists():
         parser.error(f"{out} already holds a run; use another --out")
+    require(config.method)  # a peer's package, before the data is loaded
     _setup(args)
     train(config, _load_data(args), out_dir=out)
     print(f"wrote {out}/metrics.json, checkpoint.pt")
@@ -322,7 +327,7 @@ def main(argv=None) -> int:
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline, "analyze": cmd_analyze}
     try:
         return commands[args.command](args, parser)
-    except (DataError, CheckpointError, FileNotFoundError) as exc:
+    except (DataError, CheckpointError, FileNotFoundError, PeerNotInstalled) as exc:
         print(f"kfacvi: error: {exc}", file=sys.stderr)
         return 2
 
