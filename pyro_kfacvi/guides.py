@@ -42,12 +42,14 @@ class PosteriorBlock(nn.Module):
 
     Holds the curvature F̂ and the mean μ (initialised from the layer's current parameters), the
     latter as its coordinates in the eigenbasis of F̂, ``eigenbasis_loc`` = Q_Gᵀ μ Q_A, where q's
-    covariance and the preconditioner are diagonal (:attr:`loc` is μ itself).
+    covariance and the preconditioner are diagonal (:attr:`loc` is μ itself). ``bayesian``: whether
+    the model chose this layer's posterior to be a distribution (``BayesianModel(bayesian=...)``).
     """
 
-    def __init__(self, name, module, adapter, sites):
+    def __init__(self, name, module, adapter, sites, bayesian=True):
         super().__init__()
         self.name = name
+        self.bayesian = bayesian
         self._layer = (module, adapter)
         self.sites = sites
         params = {p: getattr(module, p).detach() for p in adapter.param_names(module)}
@@ -119,7 +121,7 @@ class KroneckerGuide(nn.Module):
         for layer, (module, adapter) in model.layers.items():
             names = {param: site for site, (owner, param, _) in sites.items() if owner == layer}
             if names:
-                blocks.append(PosteriorBlock(layer, module, adapter, names))
+                blocks.append(PosteriorBlock(layer, module, adapter, names, model.is_bayesian(layer)))
         self.blocks = nn.ModuleList(blocks)
         self._gathered = None  # see _gather
         self.register_load_state_dict_post_hook(_forget_gathered)  # load_state_dict(..., assign=True)
@@ -144,9 +146,13 @@ class KroneckerGuide(nn.Module):
         """The family's configuration: what a saved state must agree with to be loaded."""
         return {"split_damping": self.split_damping}
 
+    def block_description(self):
+        """Per block: its name, shape and whether its posterior is a distribution (the model's choice)."""
+        return [[block.name, list(block.eigenbasis_loc.shape), block.bayesian] for block in self.blocks]
+
     def get_extra_state(self):
-        shapes = [[block.name, list(block.eigenbasis_loc.shape)] for block in self.blocks]
-        return {"family": type(self).__name__, "config": self.config(), "blocks": shapes, "damping": self.damping}
+        return {"family": type(self).__name__, "config": self.config(), "blocks": self.block_description(),
+                "damping": self.damping}
 
     def set_extra_state(self, state):
         """Check that ``state`` (of :meth:`get_extra_state`) fits this guide, then take its γ."""
@@ -154,9 +160,10 @@ class KroneckerGuide(nn.Module):
             raise GuideStateError("the state has no guide family: it was not saved by this version's guides")
         if state["family"] != type(self).__name__:
             raise GuideStateError(f"the state belongs to a {state['family']}, this guide is a {type(self).__name__}")
-        shapes = [[block.name, list(block.eigenbasis_loc.shape)] for block in self.blocks]
-        if state["blocks"] != shapes:
-            raise GuideStateError(f"the state's blocks {state['blocks']} differ from this guide's {shapes}")
+        blocks = self.block_description()
+        if state["blocks"] != blocks:
+            raise GuideStateError(f"the state's blocks (name, shape, Bayesian) {state['blocks']} differ from this "
+                                  f"guide's {blocks}")
         if state["config"] != self.config():
             raise GuideStateError(f"the state was saved with {state['config']}, this guide has {self.config()}")
         self.damping = state["damping"]
@@ -404,13 +411,23 @@ class KroneckerNormal(KroneckerGuide):
         return self.derived.get("spectral terms", self._gather()[1], key, self.compute_spectral_terms)
 
     def compute_spectral_terms(self):
-        """:class:`SpectralTerms` from the current spectra, without the memo."""
+        """:class:`SpectralTerms` from the current spectra, without the memo. A block the model did
+        not choose to be Bayesian has S = 0, sums (0, 0), and adds the normaliser ½D_P log(2πη) of
+        its MAP prior term −log p(μ_P) to the constant in place of the KL's terms (:meth:`kl_to_prior`)."""
         rho, eta = self.rho, self.model.prior_variance
-        scales = [rho * e.rsqrt() for e in self.posterior_eigenvalues()]
-        sums = [scale_sums_of(scale) for scale in scales]
-        d = sum(scale.numel() for scale in scales)
+        scales, sums, d_bayesian, d_point = [], [], 0, 0
+        for block, e in zip(self.blocks, self.posterior_eigenvalues()):
+            if block.bayesian:
+                scales.append(rho * e.rsqrt())
+                sums.append(scale_sums_of(scales[-1]))
+                d_bayesian += e.numel()
+            else:
+                scales.append(torch.zeros_like(e))
+                sums.append((e.new_zeros(()), e.new_zeros(())))
+                d_point += e.numel()
         trace, log_det = sum(variances for _, variances in sums), sum(2 * logs for logs, _ in sums)
-        return SpectralTerms(scales, sums, 0.5 * (trace / eta - d + d * math.log(eta) - log_det))
+        kl = 0.5 * (trace / eta - d_bayesian + d_bayesian * math.log(eta) - log_det)
+        return SpectralTerms(scales, sums, kl + 0.5 * d_point * math.log(2 * math.pi * eta))
 
     def scales(self):
         """Per block, S = ρ/√(eigenvalues of Σ⁻¹/ρ²), q's standard deviations in the eigenbasis,
@@ -419,9 +436,10 @@ class KroneckerNormal(KroneckerGuide):
         return list(zip(terms.scales, terms.scale_sums))
 
     def distributions(self):
-        """N(μ, Σ) per block (class doc)."""
+        """N(μ, Σ) per block (class doc); a point mass at μ for a layer the model did not choose."""
         terms = self.spectral_terms()
-        return [EigenbasisNormal(block.loc, scale, block.curvature, sums)
+        return [EigenbasisNormal(block.loc, scale, block.curvature, sums) if block.bayesian
+                else dist.Delta(block.loc, event_dim=block.loc.dim())
                 for block, scale, sums in zip(self.blocks, terms.scales, terms.scale_sums)]
 
     def sample_eigenbasis_blocks(self, num_samples, noise=None):
@@ -442,7 +460,9 @@ class KroneckerNormal(KroneckerGuide):
 
     def kl_to_prior(self):
         """KL(q ‖ N(0, ηI)) = ½[(tr Σ + ‖μ‖²)/η − D + D log η − log|Σ|] over all D parameters. The
-        terms in Σ change only with the eigenbases and are kept until then (:meth:`spectral_terms`)."""
+        terms in Σ change only with the eigenbases and are kept until then (:meth:`spectral_terms`).
+        With some layers point masses (``BayesianModel(bayesian=...)``) it is the KL of the Bayesian
+        blocks plus the MAP prior term of the others, −log p(μ_P) = ½‖μ_P‖²/η + ½D_P log(2πη)."""
         eta = self.model.prior_variance
         return torch.add(self.spectral_terms().kl_constant, self.mean_squared_norm(), alpha=0.5 / eta)
 

@@ -242,7 +242,8 @@ class BatchNormAdapter(Adapter):
 
     @staticmethod
     def param_names(module):
-        return ["weight", "bias"] if module.affine else []
+        """[γ, β] if they are trainable; a frozen or affine-free BatchNorm has no block."""
+        return ["weight", "bias"] if module.affine and module.weight.requires_grad else []
 
     @staticmethod
     def block_shape(module):
@@ -284,10 +285,12 @@ class BatchNormAdapter(Adapter):
             mean, var = module.running_mean.expand(num_samples, -1), module.running_var.expand(num_samples, -1)
         normalized = (xs - mean[:, None, :, None]) * torch.rsqrt(var[:, None, :, None] + module.eps)
         out = normalized
-        if module.affine:
-            out = normalized * params["weight"][:, None, :, None] + params["bias"][:, None, :, None]
+        if module.affine:  # sampled [γ, β], or a frozen module's own
+            weight, bias = (params["weight"], params["bias"]) if params else (module.weight.expand(num_samples, -1),
+                                                                              module.bias.expand(num_samples, -1))
+            out = normalized * weight[:, None, :, None] + bias[:, None, :, None]
         out = out.reshape(x.shape)
-        if recorder is not None and module.affine:
+        if recorder is not None and params:
             recorder.record_diagonal(name, normalized.reshape(x.shape), out)
         return out
 
@@ -309,26 +312,37 @@ def adapter_for(module):
 def find_layers(net):
     """All modules of ``net`` that need an adapter, as ``{name: (module, adapter)}``.
 
-    Raises :class:`TypeError` naming the first module that owns parameters but is not supported
-    (e.g. ``nn.LSTM`` or a bare ``nn.Parameter``), and :class:`ValueError` for a supported module
-    in an unsupported configuration.
+    A module whose parameters all have ``requires_grad=False`` is *frozen*: a frozen ``Linear`` or
+    ``Conv2d`` — or a frozen module of any other type — runs as it is, its weights shared by the M
+    samples, and gets no posterior; a frozen ``BatchNorm`` keeps its adapter (each sample normalises
+    over its own minibatch) with its own fixed scale and shift.
+
+    Raises :class:`TypeError` naming the first module that owns trainable parameters but is not
+    supported (e.g. ``nn.LSTM`` or a bare ``nn.Parameter``), and :class:`ValueError` for a supported
+    module in an unsupported configuration or with some parameters frozen and others not.
     """
     layers = {}
     for name, module in net.named_modules():
+        where = f"'{name}'" if name else "the network itself"
+        own = dict(module.named_parameters(recurse=False))
+        trainable = [p for p, value in own.items() if value.requires_grad]
+        if trainable and len(trainable) < len(own):
+            raise ValueError(f"layer {where} has frozen and trainable parameters ({sorted(own)}, trainable "
+                             f"{trainable}): freeze all of a layer's parameters or none")
         adapter = adapter_for(module)
-        own_params = [p for p, _ in module.named_parameters(recurse=False)]
         if adapter is None:
-            if own_params:
-                where = f"'{name}'" if name else "the network itself"
+            if trainable:
                 raise TypeError(
-                    f"unsupported layer {where} of type {type(module).__name__} owns parameters "
-                    f"{own_params}; supported layers are Linear, Conv2d, BatchNorm1d and BatchNorm2d"
-                )
+                    f"unsupported layer {where} of type {type(module).__name__} owns parameters {trainable}; "
+                    "supported layers are Linear, Conv2d, BatchNorm1d and BatchNorm2d (a layer of another type "
+                    "can stay in the network with requires_grad=False)")
+            continue
+        if own and not trainable and adapter.kind == "kronecker":
             continue
         adapter.check(name or type(module).__name__, module)
         layers[name] = (module, adapter)
     if not any(adapter.param_names(module) for module, adapter in layers.values()):
-        raise ValueError("the network has no Linear, Conv2d or BatchNorm parameters to place a posterior on")
+        raise ValueError("the network has no trainable Linear, Conv2d or BatchNorm parameters to place a posterior on")
     return layers
 
 

@@ -15,9 +15,15 @@ class BayesianModel(nn.Module):
 
     .. math:: θ \sim N(0, ηI), \qquad y_n \mid x_n, θ \sim p(y \mid f(x_n; θ)),\; n = 1..N,
 
-    where every parameter of ``net`` is a ``pyro.sample`` site named like the parameter
+    where every trainable parameter of ``net`` is a ``pyro.sample`` site named like the parameter
     (``"features.0.weight"``) and the likelihood of a minibatch is scaled by N / B through a
-    subsampled ``pyro.plate`` of size ``num_data``.
+    subsampled ``pyro.plate`` of size ``num_data``. Parameters with ``requires_grad=False`` are
+    not sites: they keep their values (:func:`~pyro_kfacvi.layers.find_layers`).
+
+    ``bayesian`` chooses the layers whose posterior is a distribution — module names, e.g.
+    ``["fc3"]``, or a predicate on ``(name, module)``; default: every layer with sites, as
+    laplace-torch's ``subset_of_weights``. A guide gives the other layers' sites a point mass at
+    their mean (MAP under the same prior), trained by the same natural-gradient engine.
 
     ``model(x, y=None)`` follows the usual contract: it works under ``poutine.trace``,
     ``pyro.infer.Predictive`` (also ``parallel=True``) and ``Trace_ELBO(vectorize_particles=True)``:
@@ -49,9 +55,10 @@ class BayesianModel(nn.Module):
         device, its learned noise saved in ``state_dict()``).
     :param prior_variance: η, a positive float, or ``"auto"`` (above).
     :param int num_data: N, the size of the training set.
+    :param bayesian: ``None`` (every layer), a list of layer names, or a predicate ``(name, module)``.
     """
 
-    def __init__(self, net, likelihood, prior_variance, num_data):
+    def __init__(self, net, likelihood, prior_variance, num_data, bayesian=None):
         super().__init__()
         self.learns_prior = isinstance(prior_variance, str)
         if self.learns_prior and prior_variance != "auto":
@@ -69,7 +76,25 @@ class BayesianModel(nn.Module):
             self.register_buffer("learned_prior_variance", torch.tensor(self._prior_variance, dtype=torch.float64))
             self.register_load_state_dict_post_hook(_read_learned_prior)
         self.num_data = int(num_data)
+        self.bayesian_layers = self._chosen_layers(bayesian)
         self._output_shapes = {}  # (example shape, dtype, device) -> output shape of one example
+
+    def _chosen_layers(self, bayesian):
+        """The names of the layers with a posterior distribution (class doc), in network order."""
+        candidates = [layer for layer, (module, adapter) in self.layers.items() if adapter.param_names(module)]
+        if bayesian is None:
+            return candidates
+        if callable(bayesian):
+            return [layer for layer in candidates if bayesian(layer, self.layers[layer][0])]
+        unknown = sorted(set(bayesian) - set(candidates))
+        if unknown:
+            raise ValueError(f"bayesian names {unknown}, which are not layers with trainable parameters of this "
+                             f"network; choose from {candidates}")
+        return [layer for layer in candidates if layer in set(bayesian)]
+
+    def is_bayesian(self, layer):
+        """Whether layer ``layer``'s posterior is a distribution (else a point mass)."""
+        return layer in self.bayesian_layers
 
     @property
     def prior_variance(self):
@@ -84,7 +109,8 @@ class BayesianModel(nn.Module):
     def config(self):
         """The constructor's arguments but the network and the likelihood (which has its own
         ``config()``): what :func:`pyro_kfacvi.io.load` rebuilds the model from."""
-        return {"prior_variance": "auto" if self.learns_prior else self.prior_variance, "num_data": self.num_data}
+        return {"prior_variance": "auto" if self.learns_prior else self.prior_variance, "num_data": self.num_data,
+                "bayesian": list(self.bayesian_layers)}
 
     def weight_sites(self):
         """``{site name: (layer name, parameter name, parameter)}`` in network order."""

@@ -42,7 +42,7 @@ def test_elbo_exact_posterior_ignores_a_damping_as_large_as_the_fisher(float64, 
     x, y, model, mean, covariance = bayesian_linear_regression()
     guide = KroneckerNormal(model, damping=2.0, split_damping=split_damping)
     schedule = WarmupPolynomialLR(0.5, 0.5, total_steps=400, steps_per_epoch=1, warmup_steps=0, power=1.0)
-    engine = KFACVI(model, guide, lr=schedule, num_particles=50,
+    engine = KFACVI(model, guide, lr=schedule, momentum=0.0, kl_clip=None, num_particles=50,
                     curvature=CurvatureConfig(fisher="mc", beta=0.02, inverse_every=1))
     for _ in range(400):
         engine.step(x, y)
