@@ -101,21 +101,24 @@ class Gaussian(Likelihood):
     mean squared residual s_t over its M weight samples θ_s ~ q (:meth:`statistics`), and σ²
     follows the estimates (:meth:`update`), since q moves while it trains:
 
-    .. math:: σ^2_t = σ^2_{t−1} + r_t (s_t − σ^2_{t−1}), \qquad r_t = \max(\text{rate}, 1/t),
+    .. math:: σ^2_t = σ^2_{t−1} + r\,(s_t − σ^2_{t−1}), \qquad σ_0 = \text{init\_scale},
 
-    the plain average of the first 1/rate estimates, then an exponential moving average with
-    weight ``rate`` (a memory of about 1/rate steps). Before the first step σ = ``init_scale``.
-    :attr:`scale` is the float s, or the learned σ as a 0-d tensor (a buffer: it moves with the
-    model and round-trips through ``model.state_dict()``).
+    an exponential moving average with weight r = ``rate`` (a memory of about 1/r steps). The
+    initial σ is small on purpose: while the network first fits, a σ as large as the targets'
+    spread would let the noise explain the data, and with ``prior_variance="auto"`` the prior then
+    shrinks before the fit begins — a local optimum of the ELBO with σ ≈ sd(y) (docs/regression.md).
+    Standardise the targets; ``init_scale`` and σ are in their units. :attr:`scale` is the float s,
+    or the learned σ as a 0-d tensor (a buffer: it moves with the model and round-trips through
+    ``model.state_dict()``).
 
     :param float scale: σ, or ``None`` to learn it.
-    :param float init_scale: the learned σ before the first step (targets of unit scale suit 1).
-    :param float rate: the weight of a step's estimate once 1/t < rate.
+    :param float init_scale: the learned σ before the first step.
+    :param float rate: r, the weight of a step's estimate.
     """
 
     remedy = "repair or drop those examples"
 
-    def __init__(self, scale=None, init_scale=1.0, rate=0.05):
+    def __init__(self, scale=None, init_scale=0.1, rate=0.01):
         super().__init__()
         for name, value in (("scale", scale), ("init_scale", init_scale)):
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -126,7 +129,6 @@ class Gaussian(Likelihood):
         self.init_scale, self.rate = float(init_scale), float(rate)
         if self.learned:
             self.register_buffer("learned_variance", torch.tensor(self.init_scale ** 2))
-            self.register_buffer("num_updates", torch.tensor(0))
 
     @property
     def learned(self):
@@ -161,13 +163,11 @@ class Gaussian(Likelihood):
 
     @torch.no_grad()
     def update(self, statistics):
-        """Learned σ: σ² ← σ² + r_t (s_t − σ²) with s_t the step's mean squared residual (class doc);
+        """Learned σ: σ² ← σ² + r (s_t − σ²) with s_t the step's mean squared residual (class doc);
         on the device, without a host synchronisation."""
         if self.learned:
             (estimate,) = statistics
-            self.num_updates += 1
-            rate = self.num_updates.reciprocal().clamp(min=self.rate)
-            self.learned_variance.lerp_(estimate.to(self.learned_variance.dtype), rate.to(self.learned_variance.dtype))
+            self.learned_variance.lerp_(estimate.to(self.learned_variance.dtype), self.rate)
 
     def check_targets(self, y, output_shape):
         """Targets ``y`` of the network output's shape per example, ``(batch, D)``."""

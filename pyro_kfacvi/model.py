@@ -69,7 +69,7 @@ class BayesianModel(nn.Module):
             raise ValueError(f"num_data must be a positive integer, got {num_data}")
         self.net = net
         self.layers = find_layers(net)
-        reference = next(iter(self.weight_sites().values()))[2]
+        reference = next(net.parameters())
         self.likelihood = likelihood.to(dtype=reference.dtype, device=reference.device)
         self._prior_variance = INITIAL_PRIOR_VARIANCE if self.learns_prior else float(prior_variance)
         if self.learns_prior:  # the state; _prior_variance is its value as a number, kept in step with it
