@@ -13,6 +13,8 @@ from torch import nn
 
 from pyro_kfacvi import (KFACVI, BayesianModel, Categorical, CurvatureConfig, Gaussian, GaussianPrediction,
                          KroneckerDelta, KroneckerNormal, Predictive, WarmupPolynomialLR)
+from pyro_kfacvi.distributed import Communicator, ParallelPlan
+from pyro_kfacvi.layers import run_sampled
 
 
 def linear_data(n, d=6, k=3, sigma=0.7, weight_scale=1.0):
@@ -276,3 +278,24 @@ def test_svi_with_a_kronecker_guide_warns_once_and_points_at_kfacvi():
     assert "trains nothing with a KroneckerNormal" in str(caught[0].message)
     assert "pyro_kfacvi.KFACVI(model, guide, lr=...).step(x, y)" in str(caught[0].message)
     assert all(torch.equal(a, b) for a, b in zip(before, guide.means()))  # indeed nothing trained
+
+
+def test_the_residual_statistic_is_summed_over_ranks_and_averaged():
+    """The statistic σ is learned from is the mean squared residual of the step's sampled networks,
+    and it is summed over ranks with the gradients: two ranks holding the same partial sums give it
+    back after the all-reduce and the division by twice the count."""
+    model, guide, engine = regression_engine()
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    draws = guide.sample_eigenbasis_blocks(3)
+    weights = [block.curvature.from_eigenbasis(draw) for block, draw in zip(guide.blocks, draws)]
+    outputs = run_sampled(model.net, model.layers, guide.layer_params(weights), x, 3)
+    sums = engine.estimator.sums(model, guide, x, y, draws)
+    torch.testing.assert_close(sums.means().likelihood_stats[0], (outputs - y).pow(2).mean())
+
+    class TwoIdenticalRanks(Communicator):
+        def all_reduce_sum(self, tensors):
+            return [2 * t for t in tensors]
+
+    summed = ParallelPlan("samples", communicator=TwoIdenticalRanks()).sum_statistics(sums)
+    assert summed.count == 2 * sums.count
+    torch.testing.assert_close(summed.means().likelihood_stats[0], sums.means().likelihood_stats[0])
