@@ -28,7 +28,7 @@ def train(family, x, y, generator, steps=300, damping=0.1):
     net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
     model = BayesianModel(net, Categorical(), prior_variance=1.0, num_data=len(x))
     guide = family(model, damping=damping)
-    engine = KFACVI(model, guide, lr=0.05, momentum=0.9, num_particles=guide.distinct_draws(8),
+    engine = KFACVI(model, guide, lr=0.05, momentum=0.9, kl_clip=None, num_particles=guide.distinct_draws(8),
                     curvature=CurvatureConfig(beta=0.1))
     for step in range(steps):
         idx = torch.randint(0, len(x), (64,), generator=generator)

@@ -48,7 +48,7 @@ def kfac_predictive(x, y, family, steps, num_samples):
     setting tried diverged (see docs/uncertainty.md)."""
     model = bayesian_model()
     guide = family(model, damping=1e-2)
-    engine = KFACVI(model, guide, lr=0.02, num_particles=guide.distinct_draws(16),
+    engine = KFACVI(model, guide, lr=0.02, momentum=0.0, kl_clip=None, num_particles=guide.distinct_draws(16),
                     curvature=CurvatureConfig(fisher="mc", beta=0.1, inverse_every=1))
     for _ in range(steps):
         engine.step(x, y)
