@@ -237,7 +237,7 @@ def sequential_step(engine, x, y, num_samples):
     total = None
     for _ in range(num_samples):  # each of count 1 (means over the batch): the sum has count M
         total = add_statistics(total, engine.statistics(x, y, engine.guide.sample_eigenbasis_blocks(1), with_curvature))
-    stats = total.means()
+    stats = total.means_()
     finite, loss = stats.all_finite(stats.nll + engine.guide.complexity())
     if not finite:
         raise FloatingPointError(f"non-finite loss, gradient or curvature at iteration {engine.iteration}")

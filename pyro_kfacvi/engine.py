@@ -1,7 +1,7 @@
 """The natural-gradient engine: Noisy K-FAC / KFAC-VI with M weight samples per step."""
+import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +20,7 @@ class NonFiniteStepError(FloatingPointError):
         self.fact = fact
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Retry:
     """What a step whose loss, gradients or curvature are not finite does under
     ``on_nonfinite=Retry(...)`` (or ``"retry"``): redraw it with fresh samples and the guide's damping
@@ -220,7 +220,7 @@ class KFACVI:
         sums = self.estimator.sums(self.model, self.guide, x, y, block_samples, with_curvature)
         if self.parallel is not None:  # sums over all ranks' samples and shards, then the global means
             sums = self.parallel.sum_statistics(sums)
-        return sums.means()
+        return sums.means_()
 
     def finite_statistics(self, x, y, with_curvature, snapshot):
         """Eqs. (7, 8) and the loss (a number) for fresh weight samples, checked for finiteness and,
@@ -290,6 +290,15 @@ class KFACVI:
         return (2 * self.kl_clip / (lr * lr * quadratic)).sqrt().clamp(max=1.0)
 
     # ----------------------------------------------------------------------------------------
+    def config(self):
+        """The constructor's arguments as plain values, but the model, the guide, the ``parallel``
+        plan and ``lr`` (a number or a schedule: :mod:`pyro_kfacvi.io` stores it): what
+        :func:`pyro_kfacvi.io.load` rebuilds the engine from."""
+        return {"momentum": self.momentum, "weight_decay": self.weight_decay,
+                "weight_decay_mode": self.weight_decay_mode, "num_particles": self.num_particles,
+                "curvature": dataclasses.asdict(self.curvature), "kl_clip": self.kl_clip,
+                "on_nonfinite": "raise" if self.retry is None else dataclasses.asdict(self.retry)}
+
     def state_dict(self):
         """The iteration and the momentum (in eigenbasis coordinates, like the guide's mean); γ is
         the guide's and travels in its state_dict."""

@@ -17,9 +17,6 @@ The engine's learning rate is saved when it is a number or a
 — pass it as ``lr=`` to :func:`load`. A :class:`~pyro_kfacvi.distributed.ParallelPlan` belongs to
 a process and is not saved.
 """
-import dataclasses
-import inspect
-
 import torch
 
 from .curvature import CurvatureConfig
@@ -32,7 +29,6 @@ from .schedules import WarmupPolynomialLR
 FORMAT = "pyro_kfacvi.save/1"
 LIKELIHOODS = {cls.__name__: cls for cls in (Categorical, Gaussian)}
 GUIDES = {cls.__name__: cls for cls in (KroneckerNormal, KroneckerDelta)}
-NOT_PLAIN = ("model", "guide", "parallel", "lr", "curvature", "on_nonfinite")  # KFACVI's arguments saved apart
 
 
 def save(path, model, guide, engine=None):
@@ -47,7 +43,8 @@ def save(path, model, guide, engine=None):
         "format": FORMAT,
         "model": {"config": model.config(), "likelihood": model.likelihood.config(), "state": model.state_dict()},
         "guide": {"family": type(guide).__name__, "config": guide.config(), "state": guide.state_dict()},
-        "engine": None if engine is None else {"config": engine_config(engine), "state": engine.state_dict()},
+        "engine": None if engine is None else {"config": {"lr": schedule_config(engine.lr), **engine.config()},
+                                                "state": engine.state_dict()},
     }, path)
 
 
@@ -82,17 +79,6 @@ def load(path, net, lr=None, map_location="cpu"):
     engine = KFACVI(model, guide, **config)
     engine.load_state_dict(saved["engine"]["state"])
     return model, guide, engine
-
-
-def engine_config(engine):
-    """The engine's constructor arguments as plain values: the learning rate (:func:`schedule_config`),
-    the curvature configuration and the retry policy as dictionaries, and every other argument
-    (``momentum``, ``num_particles``, ...) from the engine's attribute of its name — all but the
-    model, the guide and the ``parallel`` plan."""
-    names = [name for name in inspect.signature(KFACVI).parameters if name not in NOT_PLAIN]
-    return {"lr": schedule_config(engine.lr), "curvature": dataclasses.asdict(engine.curvature),
-            "on_nonfinite": "raise" if engine.retry is None else dataclasses.asdict(engine.retry),
-            **{name: getattr(engine, name) for name in names}}
 
 
 def schedule_config(lr):

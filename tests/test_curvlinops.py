@@ -34,7 +34,7 @@ def test_lenet5_factors_equal_curvlinops_kfac(kfac_approx):
     model = BayesianModel(net, Categorical(), 1.0, len(x))
     guide = KroneckerDelta(model)
     ours = FisherEstimator(CurvatureConfig(fisher="empirical", kfac_approx=kfac_approx)).sums(
-        model, guide, x, y, guide.sample_eigenbasis_blocks(1)).means().factors
+        model, guide, x, y, guide.sample_eigenbasis_blocks(1)).means_().factors
 
     reference = curvlinops.KFACLinearOperator(
         net, nn.CrossEntropyLoss(), list(net.parameters()), [(x[:16], y[:16]), (x[16:], y[16:])],
@@ -60,7 +60,7 @@ def test_expand_and_reduce_differ_for_the_convolutions_only():
     model = BayesianModel(net, Categorical(), 1.0, len(x))
     guide = KroneckerDelta(model)
     factors = {approx: FisherEstimator(CurvatureConfig(kfac_approx=approx)).sums(
-        model, guide, x, y, guide.sample_eigenbasis_blocks(1)).means().factors for approx in ("expand", "reduce")}
+        model, guide, x, y, guide.sample_eigenbasis_blocks(1)).means_().factors for approx in ("expand", "reduce")}
     for block, expand, reduce in zip(guide.blocks, factors["expand"], factors["reduce"], strict=True):
         differences = [relative_error(e, r) for e, r in zip(expand, reduce, strict=True)]
         if block.name.startswith("conv"):

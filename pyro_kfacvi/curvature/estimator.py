@@ -86,13 +86,13 @@ class Statistics:
         """The gradients, factors and likelihood statistics as one list."""
         return [*self.grads, *flatten(self.factors or []), *self.likelihood_stats]
 
-    def means(self):
+    def means_(self):
         """The statistics per (sample, example): ḡ of eq. (7), F̄ of eq. (8), the likelihood's
-        statistics and the mean NLL."""
-        tensors = torch._foreach_div(self.tensors(), self.count)
-        grads, rest = tensors[: len(self.grads)], iter(tensors[len(self.grads):])
-        factors = None if self.factors is None else [tuple(next(rest) for _ in fs) for fs in self.factors]
-        return Statistics(self.nll / self.count, grads, factors, 1, tuple(rest))
+        statistics and the mean NLL — the sums divided by the count in place (no second copy of the
+        gradients and factors), so the sums are consumed."""
+        torch._foreach_div_(self.tensors(), self.count)
+        self.nll, self.count = self.nll / self.count, 1
+        return self
 
     def all_finite(self, loss):
         """Whether ``loss`` (a tensor), every gradient and every factor are finite, at one host
