@@ -13,8 +13,8 @@ Each problem builds ``(net, likelihood, data)`` from a seed and says what "train
 * ``resnet18``: torchvision's ResNet-18 at 32×32 on batches of 8 — a few steps, finite losses.
 
 Every problem reports ``diverged`` (the step at which a step raised), or its measurements and
-``passed``. ``python -m pyro_kfacvi.experiments.zoo --seeds 0-4 [--settings previous] --json FILE``
-runs them (the numbers of docs/robustness.md, "Defaults"). The code uses the public API only.
+``passed``. ``python -m pyro_kfacvi.experiments.zoo --seeds 0-4 [--settings previous] [--damping G]
+[--kl-clip C|none] [--inverse-every K] --json FILE`` runs them (the numbers of docs/robustness.md, "Defaults"). The code uses the public API only.
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import warnings
 import torch
 from torch import nn
 
-from pyro_kfacvi import KFACVI, BayesianModel, Categorical, Gaussian, KroneckerNormal, Predictive
+from pyro_kfacvi import KFACVI, BayesianModel, Categorical, CurvatureConfig, Gaussian, KroneckerNormal, Predictive
 
 
 NOISE = 0.1  # σ of the tabular problem
@@ -114,20 +114,19 @@ class Problem:
         return result
 
 
-def default_build(model):
-    """The library's defaults."""
-    guide = KroneckerNormal(model)
-    return guide, KFACVI(model, guide)
+def builder(guide_options=None, engine_options=None):
+    """``model -> (guide, engine)``: ``KroneckerNormal(model, **guide_options)`` and
+    ``KFACVI(model, guide, **engine_options)`` — the library's defaults where nothing is given."""
+    def build(model):
+        guide = KroneckerNormal(model, **(guide_options or {}))
+        return guide, KFACVI(model, guide, **(engine_options or {}))
+    return build
 
 
-def previous_build(model):
-    """The settings the README documented before the defaults existed (lr 1e-3, momentum 0.9,
-    damping 1e-3, no trust region), for the before/after table of docs/robustness.md."""
-    guide = KroneckerNormal(model, damping=1e-3)
-    return guide, KFACVI(model, guide, lr=1e-3, momentum=0.9, kl_clip=None)
-
-
-BUILDS = {"defaults": default_build, "previous": previous_build}
+default_build = builder()
+#: the settings of --settings: the defaults, and the ones the README documented before they existed
+#: (lr 1e-3, momentum 0.9, damping 1e-3, no trust region), for the before/after table of docs/robustness.md
+SETTINGS = {"defaults": ({}, {}), "previous": ({"damping": 1e-3}, {"lr": 1e-3, "momentum": 0.9, "kl_clip": None})}
 
 
 def judge_gap(model, guide, train, test):
@@ -180,21 +179,35 @@ def main(argv=None):
                                      allow_abbrev=False)
     parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated (default: all)")
     parser.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4], help="e.g. 0-4 (default)")
-    parser.add_argument("--settings", choices=sorted(BUILDS), default="defaults",
+    parser.add_argument("--settings", choices=sorted(SETTINGS), default="defaults",
                         help="the library's defaults, or the previously documented settings")
+    parser.add_argument("--damping", type=float, help="override the guide's γ")
+    parser.add_argument("--kl-clip", type=lambda text: None if text == "none" else float(text),
+                        default=argparse.SUPPRESS, help="override the engine's trust region ('none': off)")
+    parser.add_argument("--inverse-every", type=int, help="override the eigenbases' refresh interval")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    guide_options, engine_options = (dict(options) for options in SETTINGS[args.settings])
+    if args.damping is not None:
+        guide_options["damping"] = args.damping
+    if "kl_clip" in vars(args):
+        engine_options["kl_clip"] = args.kl_clip
+    if args.inverse_every is not None:
+        engine_options["curvature"] = CurvatureConfig(inverse_every=args.inverse_every)
+    build = builder(guide_options, engine_options)
     results = {}
     for name in args.problems.split(","):
-        results[name] = {seed: PROBLEMS[name].run(seed, BUILDS[args.settings]) for seed in args.seeds}
+        results[name] = {seed: PROBLEMS[name].run(seed, build) for seed in args.seeds}
         runs = results[name].values()
         print(f"{name}: diverged {sum('diverged' in r for r in runs)}/{len(runs)}, passed "
               f"{sum(r['passed'] for r in runs)}/{len(runs)}", {s: r for s, r in results[name].items()}, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": args.settings, "seeds": args.seeds, "results": results}, f, indent=2)
+            json.dump({"settings": args.settings, "guide": guide_options, "engine": {
+                k: repr(v) if k == "curvature" else v for k, v in engine_options.items()},
+                "seeds": args.seeds, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
