@@ -14,6 +14,9 @@ field has a flag); ``ivon`` and ``laplace`` need the optional extra ``[peers]``
 ``kfacvi analyze --checkpoint PATH --out DIR`` runs the uncertainty analysis of
 :mod:`pyro_kfacvi.analysis` on either kind of checkpoint: ``DIR/report.json`` and PNG figures.
 
+``kfacvi compare --group LABEL GLOB [--group ...] [--json F] [--markdown F] [--figure F]`` prints mean ± sd
+over seeds of groups of runs or reports (:mod:`pyro_kfacvi.experiments.compare`).
+
 ``kfacvi payload --preset NAME`` prints the bytes one step all-reduces per layer under ``--parallel``.
 
 ``torchrun --nproc_per_node=N -m pyro_kfacvi train --preset NAME --parallel samples|data|both``
@@ -36,6 +39,7 @@ from pathlib import Path
 from ..curvature import FISHER_TYPES, KFAC_APPROXIMATIONS
 from ..distributed import MODES, init_process_group, launched_by_torchrun, payload_bytes
 from ..engine import NONFINITE_POLICIES, WEIGHT_DECAY_MODES
+from . import compare
 from .baselines import METHODS, BaselineConfig
 from .peers import PeerNotInstalled, require
 from .checkpoints import CheckpointError, atomic_write
@@ -159,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: $KFACVI_FASHION_MNIST, else the Debian package's; skipped if absent)")
     _common(an)
 
+    compare.add_arguments(sub.add_parser("compare", help="mean ± sd over seeds of groups of runs: table, JSON, figure",
+                                         allow_abbrev=False))
     sub.add_parser("presets", help="list the presets as JSON", allow_abbrev=False)
     payload = sub.add_parser("payload", help="bytes all-reduced per step and layer under --parallel",
                              allow_abbrev=False)
@@ -323,6 +329,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "payload":
         return cmd_payload(args)
+    if args.command == "compare":
+        return compare.run(args)
     from .data import DataError
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline, "analyze": cmd_analyze}
     try:
