@@ -1,7 +1,8 @@
 """Time per training iteration of a preset's network with M weight samples (random CIFAR-shaped data).
 
 Used for docs/results.md: the per-iteration cost of ResNet18 and LeNet5 at M = 1 and 10 on the
-device at hand, and the projected wall time of a full run (iterations × median step time).
+device at hand, the projected wall time of a full run (iterations × median step time) and, on
+CUDA, the peak memory allocated during the timed steps beyond what was allocated before them.
 
     python benchmarks/iteration_time.py --model resnet18 --samples 1,10 --device cuda
 """
@@ -33,12 +34,16 @@ def median_step_seconds(model_name, num_samples, device, steps, warmup, batch=64
     times = []
     for i in range(warmup + steps):
         synchronize(device)
+        if i == warmup and device.type == "cuda":
+            baseline = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         engine.step(x, y)
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    peak_mb = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20 if device.type == "cuda" else None
+    return statistics.median(times), peak_mb
 
 
 def main():
@@ -54,10 +59,12 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = []
     for m in (int(s) for s in args.samples.split(",")):
-        seconds = median_step_seconds(args.model, m, device, args.steps, args.warmup)
+        seconds, peak_mb = median_step_seconds(args.model, m, device, args.steps, args.warmup)
         hours = seconds * 782 * args.epochs / 3600
-        rows.append({"model": args.model, "M": m, "ms_per_iteration": 1000 * seconds, "projected_hours": hours})
-        print(f"{args.model} M={m:3d}: {1000 * seconds:8.1f} ms/iteration; {args.epochs} epochs × 782 "
+        rows.append({"model": args.model, "M": m, "ms_per_iteration": 1000 * seconds, "projected_hours": hours,
+                     "peak_mb": peak_mb})
+        memory = f", peak {peak_mb:.0f} MB" if peak_mb is not None else ""
+        print(f"{args.model} M={m:3d}: {1000 * seconds:8.1f} ms/iteration{memory}; {args.epochs} epochs × 782 "
               f"iterations ≈ {hours:.2f} h  ({name}, torch {torch.__version__})", flush=True)
     print(json.dumps({"device": name, "rows": rows}))
 

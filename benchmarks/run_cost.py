@@ -9,17 +9,31 @@ from elsewhere falls on all of them alike. Candidates:
 * ``ivon``: ivon-opt's ``IVON`` with one weight sample per step (its authors' CIFAR settings; from
   the ``[peers]`` extra — skipped, and said so, without it);
 * ``kfac``, ``kfacvi1``, ``kfacvi10``: ``KFACVI.step`` of the presets ``lenet5-kfac`` and
-  ``lenet5-kfacvi`` with M = 1 and 10, built as ``kfacvi train`` builds them (``--preset``).
+  ``lenet5-kfacvi`` with M = 1 and 10, built as ``kfacvi train`` builds them (``--preset``), with
+  the ``TrainConfig`` changes of ``--set KEY=VALUE`` (e.g. ``--set curvature_every=1 --set
+  inverse_every=10``: the paper's schedule of curvature updates).
+
+M weight samples need M forward and backward passes, so ten ``adam`` steps are the floor of a
+KFAC-VI(10) step on the same hardware; ``floors`` reports it in IVON steps (10 × adam / ivon).
+With ``--memory``, the peak memory of one ``lenet5-kfacvi`` step with M = 50 (the same changes) is
+measured in a fresh subprocess as ``benchmarks/step_cost.py`` measures it (RSS high-water mark on
+CPU, ``max_memory_allocated`` on CUDA, over two steps after an untimed one).
 
 Prints and, with ``--json FILE``, writes ``{"ratios": {"kfacvi1_over_ivon", "kfacvi10_over_ivon",
-"kfac_over_adam"}, "seconds": {candidate: seconds per epoch of --steps steps}, "settings": {...}}``.
+"kfac_over_adam"}, "floors": {"kfacvi10_over_ivon": ...}, "seconds": {candidate: seconds of
+--steps steps}, "memory_mb": {"kfacvi50": ...}, "settings": {...}}``.
 
-    python benchmarks/run_cost.py --threads 1 --steps 157 --json docs/results/run-cost.json
+    python benchmarks/run_cost.py --threads 1 --steps 157 --memory --json docs/results/run-cost.json
 """
 import argparse
+import ast
+import gc
 import itertools
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -28,21 +42,23 @@ import torch.nn.functional as F
 from pyro_kfacvi.experiments.data import DataError, cifar10
 from pyro_kfacvi.experiments.models import LeNet5
 from pyro_kfacvi.experiments.presets import PRESETS, build
+from step_cost import MMAP_THRESHOLD, current_rss_bytes, peak_rss_bytes, reset_peak_rss, synchronize
 
 
-def minibatches(steps, batch_size, data_dir):
-    """``steps`` minibatches of CIFAR-10 training images (random ones if the data are missing)."""
+def minibatches(steps, batch_size, data_dir, device):
+    """``steps`` minibatches of CIFAR-10 training images on ``device`` (random ones if the data are missing)."""
     try:
         train = cifar10(data_dir).train.subset(steps * batch_size)
-        return list(train.batches(batch_size, shuffle=False)), "CIFAR-10"
+        batches, source = list(train.batches(batch_size, shuffle=False)), "CIFAR-10"
     except DataError:
         generator = torch.Generator().manual_seed(0)
-        return [(torch.randn(batch_size, 3, 32, 32, generator=generator),
-                 torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(steps)], "random"
+        batches, source = [(torch.randn(batch_size, 3, 32, 32, generator=generator),
+                            torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(steps)], "random"
+    return [(x.to(device), y.to(device)) for x, y in batches], source
 
 
-def adam_step():
-    net = LeNet5()
+def adam_step(device):
+    net = LeNet5().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
     def step(x, y):
@@ -53,10 +69,10 @@ def adam_step():
     return step
 
 
-def ivon_step(num_data):
+def ivon_step(num_data, device):
     import ivon
 
-    net = LeNet5()
+    net = LeNet5().to(device)
     optimizer = ivon.IVON(net.parameters(), lr=0.2, ess=num_data, hess_init=0.5, beta2=0.99999, weight_decay=2e-4)
 
     def step(x, y):
@@ -68,36 +84,81 @@ def ivon_step(num_data):
     return step
 
 
-def preset_step(name, num_data, steps_per_epoch, **changes):
+def preset_step(name, num_data, steps_per_epoch, device, **changes):
+    """``KFACVI.step`` of preset ``name`` with the ``TrainConfig`` ``changes``, as ``kfacvi train`` builds it."""
     config = PRESETS[name].replace(**changes)
-    _, _, engine = build(config, num_data, steps_per_epoch)
+    model, _, engine = build(config, num_data, steps_per_epoch)
+    model.to(device)
     return engine.step
 
 
-def candidates(num_data, steps_per_epoch):
-    steps = {"adam": adam_step()}
+def candidates(num_data, steps_per_epoch, device, changes):
+    steps = {"adam": adam_step(device)}
     try:
-        steps["ivon"] = ivon_step(num_data)
+        steps["ivon"] = ivon_step(num_data, device)
     except ImportError:
         print("ivon-opt is not installed (pip install torch==2.14.1 -e \".[peers]\"): IVON skipped")
-    steps["kfac"] = preset_step("lenet5-kfac", num_data, steps_per_epoch)
-    steps["kfacvi1"] = preset_step("lenet5-kfacvi", num_data, steps_per_epoch, mc_samples=1)
-    steps["kfacvi10"] = preset_step("lenet5-kfacvi", num_data, steps_per_epoch, mc_samples=10)
+    steps["kfac"] = preset_step("lenet5-kfac", num_data, steps_per_epoch, device, **changes)
+    steps["kfacvi1"] = preset_step("lenet5-kfacvi", num_data, steps_per_epoch, device, **changes, mc_samples=1)
+    steps["kfacvi10"] = preset_step("lenet5-kfacvi", num_data, steps_per_epoch, device, **changes, mc_samples=10)
     return steps
 
 
-def interleaved_seconds(steps, batches, chunk):
+def interleaved_seconds(steps, batches, chunk, device):
     """Seconds each candidate spends on all ``batches``, ``chunk`` steps at a time, in rotating order."""
     seconds = dict.fromkeys(steps, 0.0)
     names = list(steps)
     for round_index, start in enumerate(range(0, len(batches), chunk)):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
+            synchronize(device)
             begin = time.perf_counter()
             for x, y in batches[start:start + chunk]:
                 steps[name](x, y)
+            synchronize(device)
             seconds[name] += time.perf_counter() - begin
     return seconds
+
+
+def peak_memory_mb(changes, device, num_samples=50):
+    """Run in a fresh process: the peak memory increase (MB) of two ``lenet5-kfacvi`` steps with M =
+    ``num_samples`` after an untimed one (``benchmarks/step_cost.py``'s ``memory_probe``)."""
+    x, y = minibatches(1, 64, None, device)[0][0]
+    step = preset_step("lenet5-kfacvi", 50_000, 782, device, **changes, mc_samples=num_samples)
+    step(x, y)
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(x, y), step(x, y)
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    reset_peak_rss()
+    baseline = current_rss_bytes()
+    step(x, y), step(x, y)
+    return (peak_rss_bytes() - baseline) / 2**20
+
+
+def measure_memory(argv):
+    """``{"kfacvi50": MB}`` from a subprocess of this script with the same arguments."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    probe = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--memory-probe"],
+                           capture_output=True, text=True, env=env)
+    if probe.returncode != 0:
+        print(f"memory probe failed:\n{probe.stderr[-2000:]}")
+        return {}
+    return {"kfacvi50": float(probe.stdout.strip().splitlines()[-1])}
+
+
+def parse_change(text):
+    """``KEY=VALUE`` → ``(KEY, VALUE)``, VALUE as a Python literal where it parses as one."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def ratio(seconds, a, b):
@@ -110,23 +171,35 @@ def main(argv=None):
     parser.add_argument("--chunk", type=int, default=10, help="steps per candidate and round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", help="folder of cifar-10-batches-py (default: $KFACVI_DATA)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--set", type=parse_change, action="append", default=[], metavar="KEY=VALUE",
+                        help="a TrainConfig change for the presets' candidates (repeatable)")
+    parser.add_argument("--memory", action="store_true", help="also the peak memory of an M = 50 step (subprocess)")
+    parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batches, source = minibatches(args.steps, 64, args.data_dir)
-    steps = candidates(num_data=50_000, steps_per_epoch=782)
+    device, changes = torch.device(args.device), dict(args.set)
+    if args.memory_probe:
+        print(peak_memory_mb(changes, device))
+        return
+    batches, source = minibatches(args.steps, 64, args.data_dir, device)
+    steps = candidates(50_000, 782, device, changes)
     for name, step in steps.items():  # warm-up: allocations, the first eigendecompositions
         for x, y in itertools.islice(batches, 2):
             step(x, y)
-    seconds = interleaved_seconds(steps, batches, args.chunk)
+    seconds = interleaved_seconds(steps, batches, args.chunk, device)
     result = {
         "ratios": {"kfacvi1_over_ivon": ratio(seconds, "kfacvi1", "ivon"),
                    "kfacvi10_over_ivon": ratio(seconds, "kfacvi10", "ivon"),
                    "kfac_over_adam": ratio(seconds, "kfac", "adam")},
+        "floors": {"kfacvi10_over_ivon": 10 * ratio(seconds, "adam", "ivon") if "ivon" in seconds else None},
         "seconds": seconds,
+        "memory_mb": measure_memory(sys.argv[1:] if argv is None else argv) if args.memory else {},
         "settings": {"steps": args.steps, "chunk": args.chunk, "threads": args.threads, "batch_size": 64,
-                     "data": source, "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+                     "device": str(device), "changes": changes, "data": source, "torch": torch.__version__,
+                     "machine": platform.processor() or platform.machine()},
     }
     print(json.dumps(result, indent=2))
     if args.json:
