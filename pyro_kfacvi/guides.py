@@ -380,6 +380,19 @@ class KroneckerNormal(KroneckerGuide):
         self._rho = None if rho is None else float(rho)
         self.kl_weight = float(kl_weight)
 
+    @classmethod
+    def from_guide(cls, guide, rho=None, kl_weight=1.0):
+        r"""A Gaussian with ``guide``'s mean μ, curvature F̂, damping and model (copies, not shared):
+        around a K-FAC solution (a :class:`KroneckerDelta`) the ELBO-exact ``rho=None`` gives the
+        Kronecker-factored Laplace approximation (Ritter et al. 2018) from the curvature the
+        training already kept, Σ = (κ/N)(F̂ + κ/(Nη)I)⁻¹ — η (the model's ``prior_variance``) and
+        κ are then the knobs of its calibration, read whenever q is drawn from."""
+        posterior = cls(guide.model, rho, kl_weight, guide.damping, guide.split_damping)
+        state = guide.state_dict()
+        state["_extra_state"] = posterior.get_extra_state()
+        posterior.load_state_dict(state)
+        return posterior
+
     def config(self):
         return {**super().config(), "rho": self._rho, "kl_weight": self.kl_weight}
 

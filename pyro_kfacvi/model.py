@@ -98,8 +98,19 @@ class BayesianModel(nn.Module):
 
     @property
     def prior_variance(self):
-        """η, a float: the given one, or the learned one under ``prior_variance="auto"``."""
+        """η, a float: the given one, or the learned one under ``prior_variance="auto"``. Settable to a
+        positive number (e.g. to calibrate a Laplace posterior, ``KroneckerNormal.from_guide``); under
+        ``"auto"`` the next step learns it again."""
         return self._prior_variance
+
+    @prior_variance.setter
+    def prior_variance(self, value):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"prior_variance must be positive and finite, got {value}")
+        if self.learns_prior:
+            self.set_learned_prior_variance(value)
+        else:
+            self._prior_variance = float(value)
 
     @property
     def num_parameters(self):

@@ -159,3 +159,30 @@ def test_retries_grow_the_guides_damping_and_it_is_saved():
     fresh.load_state_dict(guide.state_dict())
     assert fresh.damping == pytest.approx(1e-2)
     assert "damping" not in engine.state_dict()
+
+
+@pytest.mark.parametrize("split_damping", [False, True])
+def test_a_laplace_posterior_from_a_kfac_solution_is_the_closed_form_posterior(float64, split_damping):
+    """KroneckerNormal.from_guide around a KroneckerDelta holding the MAP and the exact Fisher
+    (A = X̃ᵀX̃/N, G = I/σ² for a Gaussian likelihood) is Bayesian linear regression's posterior
+    N(Λ⁻¹X̃ᵀy/σ², Λ⁻¹), Λ = X̃ᵀX̃/σ² + I/η, whatever the preconditioner's damping; the K-FAC guide is
+    left as it was, and η is read when drawing (the calibration knob)."""
+    x, y, model, mean, covariance = bayesian_linear_regression()
+    n, sigma, k = x.shape[0], 0.7, y.shape[1]
+    kfac = KroneckerDelta(model, damping=0.3, split_damping=split_damping)
+    xt = torch.cat([x, torch.ones(n, 1)], 1)
+    set_factors(kfac, xt.T @ xt / n, torch.eye(k) / sigma**2)
+    kfac.blocks[0].eigenbasis_loc.copy_(kfac.blocks[0].curvature.to_eigenbasis(mean.reshape(-1, k).T))
+    before = {key: value.clone() for key, value in kfac.state_dict().items() if torch.is_tensor(value)}
+
+    laplace = KroneckerNormal.from_guide(kfac)
+    draws = draws_through_pyro(laplace, x, 200_000)
+    assert relative_error(draws.mean(0), mean) <= 0.01
+    assert relative_error(torch.cov(draws.T), covariance) <= 0.02
+    assert (laplace.damping, laplace.split_damping) == (0.3, split_damping)
+    laplace.blocks[0].eigenbasis_loc.add_(1.0)  # a copy, not the K-FAC guide's buffer
+    assert all(torch.equal(value, before[key]) for key, value in kfac.state_dict().items() if torch.is_tensor(value))
+
+    model.prior_variance = 2.0 / 4  # a prior 4× as precise: Λ = X̃ᵀX̃/σ² + 4I/η
+    narrower = torch.linalg.inv(xt.T @ xt / sigma**2 + 4 * torch.eye(x.shape[1] + 1) / 2.0)
+    assert relative_error(torch.cov(draws_through_pyro(laplace, x, 200_000).T), torch.kron(narrower.contiguous(), torch.eye(k))) <= 0.02
