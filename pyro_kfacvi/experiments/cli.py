@@ -14,6 +14,10 @@ field has a flag); ``ivon`` and ``laplace`` need the optional extra ``[peers]``
 ``kfacvi analyze --checkpoint PATH --out DIR`` runs the uncertainty analysis of
 :mod:`pyro_kfacvi.analysis` on either kind of checkpoint: ``DIR/report.json`` and PNG figures.
 
+``kfacvi calibrate --checkpoint PATH --out DIR`` puts a Kronecker-factored Laplace posterior around a run
+trained with ``--validation N``, chooses its prior variance on the N held-out images and writes the test
+metrics before and after (:mod:`pyro_kfacvi.experiments.calibration`).
+
 ``kfacvi compare --group LABEL GLOB [--group ...] [--json F] [--markdown F] [--figure F]`` prints mean ± sd
 over seeds of groups of runs or reports (:mod:`pyro_kfacvi.experiments.compare`).
 
@@ -163,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: $KFACVI_FASHION_MNIST, else the Debian package's; skipped if absent)")
     _common(an)
 
+    cal = sub.add_parser("calibrate", help="a Kronecker Laplace posterior around a run trained with --validation N, "
+                         "its prior variance chosen on the N held-out images; test metrics", allow_abbrev=False)
+    cal.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint.pt or its run folder")
+    cal.add_argument("--out", required=True, metavar="DIR", help="folder for metrics.json and trained/metrics.json")
+    cal.add_argument("--test-samples", type=int, default=20, metavar="S",
+                     help="posterior samples for validation and test (default 20)")
+    _common(cal)
+
     compare.add_arguments(sub.add_parser("compare", help="mean ± sd over seeds of groups of runs: table, JSON, figure",
                                          allow_abbrev=False))
     sub.add_parser("presets", help="list the presets as JSON", allow_abbrev=False)
@@ -307,6 +319,30 @@ def cmd_analyze(args, parser) -> int:
     return 0
 
 
+def cmd_calibrate(args, parser) -> int:
+    from .calibration import calibrate, write_metrics
+    from .training import Trainer
+
+    if args.test_samples < 1:
+        parser.error("--test-samples must be >= 1")
+    _setup(args)
+    data = _load_data(args)
+    trainer = Trainer.from_checkpoint(args.checkpoint, data)
+    start = time.perf_counter()
+    try:
+        trained, calibrated, calibration = calibrate(trainer, data, args.test_samples, log=print)
+    except ValueError as exc:
+        parser.error(str(exc))
+    calibration["time"] = time.perf_counter() - start
+    out = Path(args.out)
+    write_metrics(out / "metrics.json", trainer.config, calibrated, calibration=calibration,
+                  checkpoint=str(args.checkpoint))
+    write_metrics(out / "trained" / "metrics.json", trainer.config, trained, checkpoint=str(args.checkpoint))
+    print(json.dumps({"prior_variance": calibration["prior_variance"], "trained": trained, "calibrated": calibrated},
+                     indent=2))
+    return 0
+
+
 def cmd_payload(args) -> int:
     """The all-reduce payload per layer of a preset's network (docs/distributed.md)."""
     config = PRESETS[args.preset]
@@ -332,7 +368,8 @@ def main(argv=None) -> int:
     if args.command == "compare":
         return compare.run(args)
     from .data import DataError
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline, "analyze": cmd_analyze}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "baseline": cmd_baseline, "analyze": cmd_analyze,
+                "calibrate": cmd_calibrate}
     try:
         return commands[args.command](args, parser)
     except (DataError, CheckpointError, FileNotFoundError, PeerNotInstalled) as exc:
