@@ -172,14 +172,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert _strip_times([resumed.final_evaluation()]) == _strip_times([full.final_evaluation()])
 
 
-def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
-    trainer = Trainer(TINY.replace(batch_size=192), fake_data(), out_dir=tmp_path, progress=False, log=None)
+@pytest.mark.parametrize("kl_clip, on_nonfinite", [(1e-2, "raise"), (None, "retry")])
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, kl_clip, on_nonfinite):
+    """The message names the remedies in command-line flags, leaving out those the run already uses."""
+    config = TINY.replace(batch_size=192, kl_clip=kl_clip, on_nonfinite=on_nonfinite, max_retries=1)
+    trainer = Trainer(config, fake_data(), out_dir=tmp_path, progress=False, log=None)
     trainer.guide.kl_to_prior = lambda: torch.tensor(float("nan"))
     with pytest.raises(TrainingDiverged, match=r"(?s)iteration 0 .*damping.*lr-scale") as raised:
         trainer.train_epoch()
     assert "diverged" in json.loads((tmp_path / "metrics.json").read_text())["error"]
     message = str(raised.value)  # the command line's words only: flags, not API arguments
-    assert "--damping" in message and "--kl-clip" in message and "--on-nonfinite retry" in message
+    assert "--damping" in message and "--lr-scale" in message
+    assert ("--kl-clip" in message) == (kl_clip is None)
+    assert ("--on-nonfinite retry" in message) == (on_nonfinite != "retry")
     assert "on_nonfinite=" not in message and "split_damping" not in message and "kl_clip" not in message
 
 

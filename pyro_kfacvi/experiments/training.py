@@ -276,11 +276,15 @@ class Trainer:
                for name, value in block.named_buffers() if not bool(torch.isfinite(value).all())]
         where = (f"\nNon-finite guide state before this step: {', '.join(bad)} (a curvature eigendecomposition "
                  "that returned NaN poisons every later sample).") if bad else ""
+        remedies = [f"a larger damping (--damping, now {self.guide.damping:g})",
+                    f"a smaller learning rate (--lr-scale, now {self.config.lr_scale:g})"]
+        if self.config.kl_clip is None:
+            remedies.insert(1, "a trust region (--kl-clip 1e-2)")
+        if self.config.on_nonfinite != "retry":
+            remedies.insert(1, "--on-nonfinite retry")
         message = (
             f"training diverged at iteration {t} (epoch {self.epoch + 1}, lr {lr:.3g}): {detail}{where}\n"
-            f"Try a larger damping (--damping, now {self.guide.damping:g}), a trust region (--kl-clip, now "
-            f"{self.config.kl_clip}), --on-nonfinite retry or a smaller learning rate (--lr-scale, now "
-            f"{self.config.lr_scale:g}). The checkpoint (if any) holds the state "
+            f"Try {', '.join(remedies[:-1])} or {remedies[-1]}. The checkpoint (if any) holds the state "
             "before the failing step."
         )
         if self.out_dir is not None:
