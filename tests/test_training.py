@@ -253,3 +253,22 @@ def test_quick_preset_learns_real_cifar10(real_data, tmp_path):
     config = PRESETS["quick"].replace(epochs=1, test_samples=2)
     final = Trainer(config, real_data, out_dir=tmp_path, progress=False, log=None).run()
     assert final["test_acc"] > 0.30, final
+
+
+def test_a_run_on_raw_pixels_is_trained_evaluated_and_analysed_on_raw_pixels(tmp_path):
+    """--normalize-inputs false: the network sees the images in [0, 1] (denormalised) in training,
+    in the final evaluation and in the analysis's predictor, which is handed normalised images."""
+    from pyro_kfacvi.experiments.analysis import load_predictor
+    from pyro_kfacvi.experiments.data import denormalize, normalize
+    from pyro_kfacvi.experiments.evaluation import mean_outputs
+
+    fake = fake_data()
+    data = CIFAR10(fake.train, fake.test)
+    trainer = Trainer(TINY.replace(normalize_inputs=False, epochs=1), data, out_dir=tmp_path, progress=False, log=None)
+    assert torch.allclose(trainer.data.train.images, denormalize(data.train.images))
+    trainer.run()
+    on_raw = mean_outputs(trainer.model, trainer.guide, denormalize(data.test.images)).softmax(-1)
+    predict, _ = load_predictor(tmp_path / "checkpoint.pt", data, num_samples=0)
+    assert torch.allclose(predict(normalize(denormalize(data.test.images)))[0], on_raw, atol=1e-5)
+    on_normalised = mean_outputs(trainer.model, trainer.guide, data.test.images).softmax(-1)
+    assert not torch.allclose(on_normalised, on_raw, atol=1e-3)

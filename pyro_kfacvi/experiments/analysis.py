@@ -177,8 +177,12 @@ def load_predictor(path, data, num_samples=None):
     samples = config.test_samples if num_samples is None else num_samples
     info = {"method": config.optimizer, "mc_samples": config.mc_samples, "test_samples": samples}
     if samples == 0:
-        return (lambda x: mean_outputs(trainer.model, trainer.guide, x).softmax(-1).unsqueeze(0)), info
-    return Predictive(trainer.model, trainer.guide, samples).samples, info
+        predict = lambda x: mean_outputs(trainer.model, trainer.guide, x).softmax(-1).unsqueeze(0)  # noqa: E731
+    else:
+        predict = Predictive(trainer.model, trainer.guide, samples).samples
+    if not config.normalize_inputs:  # the network was trained on pixels in [0, 1]
+        return (lambda x: predict(denormalize(x))), info
+    return predict, info
 
 
 def analyze_checkpoint(path, data, out_dir, num_samples=None, shift_size=2000, ood_size=2000, seed=0,

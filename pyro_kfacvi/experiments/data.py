@@ -143,6 +143,11 @@ class CIFAR10:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def raw_pixels(self) -> CIFAR10:
+        """The same images in ``[0, 1]`` (:func:`denormalize` of both splits, new tensors)."""
+        return CIFAR10(*(Split(denormalize(split.images), split.labels) for split in (self.train, self.test)),
+                       self.classes)
+
     def holdout(self, n: int) -> CIFAR10:
         """The data for tuning: the first ``len(train) − n`` training images to train on and the
         last ``n`` in place of the test set, which stays untouched."""

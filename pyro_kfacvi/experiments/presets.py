@@ -84,6 +84,8 @@ class TrainConfig:
     # data and schedule
     epochs: int = 15
     batch_size: int = 64
+    #: False: the network sees pixels in [0, 1] instead of images normalised per channel (torchsso's configs)
+    normalize_inputs: bool = True
     train_subset: int | None = None  # train on the first n training images
     validation: int | None = None  # tuning: evaluate on the last n training images, not the test set
     seed: int = 0

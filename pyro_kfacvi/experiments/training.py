@@ -108,6 +108,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, data, out_dir=None, progress=True, log=print, probe_every=50,
                  checkpoint_every=0):
         self.config = config
+        data = data if config.normalize_inputs else data.raw_pixels()
         self.data = data if config.validation is None else data.holdout(config.validation)
         data = self.data
         self.parallel = None if config.parallel is None else ParallelPlan(config.parallel, config.seed,
