@@ -145,3 +145,11 @@ def test_commands_write_json_markdown_and_figure(tmp_path, capsys):
 def test_a_glob_matching_nothing_is_an_error(tmp_path, capsys):
     assert compare.main(["--group", "K-FAC", str(tmp_path / "nothing*")]) == 2
     assert "nothing matches" in capsys.readouterr().err
+
+
+def test_a_glob_skips_the_logs_beside_the_runs(tmp_path, capsys):
+    """``runs/kfac-s*`` also meets ``runs/kfac-s0.log``: only folders and JSON files are runs."""
+    for folder in write_seeds(tmp_path):
+        folder.with_suffix(".log").write_text("epoch 1 ...")
+    assert compare.main(["--group", "K-FAC", str(tmp_path / "kfac-s*"), "--json", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["K-FAC"]["metrics"]["acc"]["n"] == 3

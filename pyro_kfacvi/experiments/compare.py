@@ -282,7 +282,8 @@ def run(args) -> int:
     groups = {}
     try:
         for label, pattern in args.group:
-            paths = sorted(glob.glob(pattern))
+            # a folder or a JSON file is a run; anything else a glob meets (a run's log) is not
+            paths = sorted(p for p in glob.glob(pattern) if Path(p).is_dir() or p.endswith(".json"))
             if not paths:
                 raise ValueError(f"--group {label!r}: nothing matches {pattern!r}")
             groups.setdefault(label, []).extend(paths)
