@@ -242,7 +242,8 @@ def sequential_step(engine, x, y, num_samples):
     if not finite:
         raise FloatingPointError(f"non-finite loss, gradient or curvature at iteration {engine.iteration}")
     refresh = engine.iteration % engine.curvature.inverse_every == 0
-    engine.apply(stats, engine.guide.curvature_update(stats.factors, engine.curvature.beta, refresh))
+    engine.apply(stats, engine.guide.curvature_update(stats.factors, engine.curvature.beta, refresh,
+                                                      engine.curvature.track_eigenvalues))
     return loss
 
 

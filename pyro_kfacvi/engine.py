@@ -194,7 +194,8 @@ class KFACVI:
             with_curvature = self.iteration % self.curvature.curvature_every == 0
             stats, loss = self.finite_statistics(x, y, with_curvature, snapshot)
             refresh = self.iteration % self.curvature.inverse_every == 0
-            update = self.guide.curvature_update(stats.factors, self.curvature.beta, refresh)  # (9)
+            update = self.guide.curvature_update(stats.factors, self.curvature.beta, refresh,  # (9)
+                                                 self.curvature.track_eigenvalues)
         except BaseException:
             snapshot.restore()
             raise

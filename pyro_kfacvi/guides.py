@@ -212,13 +212,19 @@ class KroneckerGuide(nn.Module):
                                 lambda: self.damped_eigenvalues(damping))
 
     # ---------------------------------------------------------------- curvature updates (eqs. 9, 12)
-    def curvature_update(self, factors, beta, refresh):
+    def curvature_update(self, factors, beta, refresh, track_eigenvalues=False):
         """Eq. (9) for every block with F̄ = ``factors`` (``None``: keep F̂) and, if ``refresh``, new
-        eigendecompositions — computed without changing anything (a failure here leaves the guide as
-        it was). Returns the update for :meth:`commit_curvature`."""
+        eigendecompositions, else, if ``track_eigenvalues`` and F̂ changed, its eigenvalues in the
+        kept eigenbases (``CurvatureConfig``) — computed without changing anything (a failure here
+        leaves the guide as it was). Returns the update for :meth:`commit_curvature`."""
         averaged = [block.curvature.factors() if factors is None else block.curvature.averaged(f, beta)
                     for block, f in zip(self.blocks, factors or [None] * len(self.blocks))]
-        spectra = [block.curvature.decompose(f) if refresh else None for block, f in zip(self.blocks, averaged)]
+        if refresh:
+            spectra = [block.curvature.decompose(f) for block, f in zip(self.blocks, averaged)]
+        elif track_eigenvalues and factors is not None:
+            spectra = [block.curvature.rayleigh_quotients(f) for block, f in zip(self.blocks, averaged)]
+        else:
+            spectra = [None] * len(self.blocks)
         return averaged, spectra
 
     def commit_curvature(self, update, carried=None):

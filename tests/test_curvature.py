@@ -500,3 +500,38 @@ def test_likelihood_nll_equals_the_pyro_distribution(likelihood, y):
     output = torch.randn(2, 4, 3)
     expected = -likelihood.distribution(output).log_prob(y).sum()
     torch.testing.assert_close(likelihood.nll(output, y), expected)
+
+
+def random_spd(d):
+    x = torch.randn(d, 2 * d)
+    return x @ x.T / (2 * d)
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_tracked_eigenvalues_are_the_rayleigh_quotients_in_the_kept_bases(track):
+    """CurvatureConfig(track_eigenvalues=True): an update of F̂ between eigendecompositions gets the
+    eigenvalues diag(Qᵀ A Q), diag(Qᵀ G Q) in the kept bases Q (dense products here); the bases, μ
+    and the carried momentum stay bit for bit, and the preconditioner of eq. (10) and q's scales of
+    eq. (12) follow. Without tracking, the eigenvalues stay those of the last decomposition."""
+    model = BayesianModel(nn.Linear(4, 3), Categorical(), 1.0, 100)
+    guide = KroneckerNormal(model, rho=0.1, damping=1e-3)
+    a0, g0 = random_spd(5), random_spd(3)
+    set_curvature(guide, [(a0, g0)])
+    curvature = guide.blocks[0].curvature
+    assert torch.allclose(curvature.eigenvalues_A, torch.linalg.eigvalsh(a0))
+    bases = curvature.eigenvectors_A.clone(), curvature.eigenvectors_G.clone()
+    mean, velocity = guide.blocks[0].eigenbasis_loc.clone(), torch.randn(3, 5)
+    carried = velocity.clone()
+    a1, g1 = random_spd(5), random_spd(3)
+    update = guide.curvature_update([(a1, g1)], beta=0.25, refresh=False, track_eigenvalues=track)
+    guide.commit_curvature(update, carried=[(carried,)])
+    a, g = 0.75 * a0 + 0.25 * a1, 0.75 * g0 + 0.25 * g1
+    assert torch.allclose(curvature.A, a) and torch.allclose(curvature.G, g)
+    expected = (torch.diagonal(bases[0].T @ a @ bases[0]), torch.diagonal(bases[1].T @ g @ bases[1])) if track \
+        else (torch.linalg.eigvalsh(a0), torch.linalg.eigvalsh(g0))
+    assert torch.allclose(curvature.eigenvalues_A, expected[0]) and torch.allclose(curvature.eigenvalues_G, expected[1])
+    assert torch.equal(curvature.eigenvectors_A, bases[0]) and torch.equal(curvature.eigenvectors_G, bases[1])
+    assert torch.equal(guide.blocks[0].eigenbasis_loc, mean) and torch.equal(carried, velocity)
+    damped = torch.outer(expected[1], expected[0]) + 1e-3
+    assert torch.allclose(guide.preconditioner()[0], damped)
+    assert torch.allclose(guide.scales()[0][0], 0.1 * damped.rsqrt())

@@ -32,6 +32,12 @@ class CurvatureConfig:
     :param float beta: β of eq. (9), the weight of the new estimate in the moving average.
     :param int curvature_every: compute F̄ (eq. 8) every k steps.
     :param int inverse_every: recompute the eigenbases of F̂ every k' steps.
+    :param bool track_eigenvalues: between eigendecompositions, give every update of F̂ its
+        eigenvalues in the kept eigenbases, the Rayleigh quotients diag(Q_Aᵀ A Q_A) and
+        diag(Q_Gᵀ G Q_G) — the eigenvalues themselves right after a decomposition, and of the
+        matrices diagonal in those bases the nearest to A and G (Frobenius) after; a d³ product per
+        factor instead of an eigendecomposition, so that F̂'s scale follows the factors while the bases
+        are refreshed rarely. ``False``: the eigenvalues change only with the bases.
     :param int chunk_size: weight samples per batched pass; default ``max(1, 1024 // B)``.
     """
 
@@ -40,6 +46,7 @@ class CurvatureConfig:
     beta: float = 0.05
     curvature_every: int = 1
     inverse_every: int = 10
+    track_eigenvalues: bool = False
     chunk_size: int | None = None
 
     def __post_init__(self):

@@ -120,19 +120,29 @@ class KroneckerFactors(nn.Module):
         return tuple(symmetric_eigh(f, f"{self.name} ({side})") for f, side in zip(factors, self.SIDES))
 
     @torch.no_grad()
+    def rayleigh_quotients(self, factors):
+        """The eigenvalues of ``factors`` in the kept eigenbases, ``((diag(Q_Aᵀ A Q_A), None),
+        (diag(Q_Gᵀ G Q_G), None))`` (``None``: the bases stay), for :meth:`commit`."""
+        return tuple(((vectors * (factor @ vectors)).sum(0).clamp_min(0), None)
+                     for factor, vectors in zip(factors, (self.eigenvectors_A, self.eigenvectors_G)))
+
+    @torch.no_grad()
     def commit(self, factors, spectrum=None, carried=()):
-        """Store ``factors`` (eq. 9) and, if given, the ``spectrum`` of :meth:`decompose`; the block
-        tensors ``carried`` (coordinates in the old eigenbasis, e.g. the mean and the momentum) are
-        re-expressed in the new one."""
+        """Store ``factors`` (eq. 9) and, if given, the ``spectrum`` of :meth:`decompose` (or of
+        :meth:`rayleigh_quotients`, which keeps the bases); with new bases, the block tensors
+        ``carried`` (coordinates in the old eigenbasis, e.g. the mean and the momentum) are
+        re-expressed in them."""
         for side, factor in zip(self.SIDES, factors):
             getattr(self, side).copy_(factor)
         self.initialized.fill_(True)
         if spectrum is None:
             return
-        weights = [self.from_eigenbasis(z) for z in carried]
+        new_bases = spectrum[0][1] is not None
+        weights = [self.from_eigenbasis(z) for z in carried] if new_bases else []
         for side, (values, vectors) in zip(self.SIDES, spectrum):
             getattr(self, f"eigenvalues_{side}").copy_(values)
-            getattr(self, f"eigenvectors_{side}").copy_(vectors)
+            if new_bases:
+                getattr(self, f"eigenvectors_{side}").copy_(vectors)
         for z, w in zip(carried, weights):
             z.copy_(self.to_eigenbasis(w))
 
@@ -183,6 +193,8 @@ class DiagonalFactors(nn.Module):
     def decompose(self, factors):
         """Nothing to decompose."""
         return ()
+
+    rayleigh_quotients = decompose  # the diagonal is its own spectrum
 
     @torch.no_grad()
     def commit(self, factors, spectrum=None, carried=()):

@@ -69,6 +69,7 @@ class TrainConfig:
     kfac_approx: str = "expand"  # "expand" (KFC, the paper's) | "reduce" (cheaper for convolutions)
     curvature_every: int = 1
     inverse_every: int = 10
+    track_eigenvalues: bool = False  # CurvatureConfig's: eigenvalues of every F̂ update in the kept eigenbases
     mc_samples: int = 1  # M, weight samples per step
     # numerical faults (KFACVI's on_nonfinite): "raise" stops the run; "retry" redraws the step with
     # the damping multiplied by damping_growth, at most max_retries times
@@ -286,7 +287,8 @@ def build(config: TrainConfig, num_data: int, steps_per_epoch: int, device="cpu"
     model = BayesianModel(net, Categorical(), config.prior_variance, num_data)
     guide = build_guide(config, model)
     curvature = CurvatureConfig(fisher=config.fisher, kfac_approx=config.kfac_approx, beta=config.beta,
-                                curvature_every=config.curvature_every, inverse_every=config.inverse_every)
+                                curvature_every=config.curvature_every, inverse_every=config.inverse_every,
+                                track_eigenvalues=config.track_eigenvalues)
     on_nonfinite = Retry(config.max_retries, config.damping_growth) if config.on_nonfinite == "retry" else "raise"
     engine = KFACVI(model, guide, lr=build_schedule(config, steps_per_epoch), momentum=config.momentum,
                     weight_decay=config.weight_decay, weight_decay_mode=config.weight_decay_mode,
