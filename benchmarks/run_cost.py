@@ -9,13 +9,14 @@ from elsewhere falls on all of them alike. Candidates:
 * ``ivon``: ivon-opt's ``IVON`` with one weight sample per step (its authors' CIFAR settings; from
   the ``[peers]`` extra — skipped, and said so, without it);
 * ``kfac``, ``kfacvi1``, ``kfacvi10``: ``KFACVI.step`` of the presets ``lenet5-kfac`` and
-  ``lenet5-kfacvi`` with M = 1 and 10, built as ``kfacvi train`` builds them (``--preset``), with
-  the ``TrainConfig`` changes of ``--set KEY=VALUE`` (e.g. ``--set curvature_every=1 --set
-  inverse_every=10``: the paper's schedule of curvature updates).
+  ``lenet5-kfacvi`` (``--presets paper``, Table 1's) or ``lenet5-kfac-tuned`` and
+  ``lenet5-kfacvi-tuned`` (``--presets tuned``: the cheap curvature schedule) with M = 1 and 10,
+  built as ``kfacvi train`` builds them (``--preset``), with the ``TrainConfig`` changes of
+  ``--set KEY=VALUE`` (e.g. ``--set curvature_every=16``).
 
 M weight samples need M forward and backward passes, so ten ``adam`` steps are the floor of a
 KFAC-VI(10) step on the same hardware; ``floors`` reports it in IVON steps (10 × adam / ivon).
-With ``--memory``, the peak memory of one ``lenet5-kfacvi`` step with M = 50 (the same changes) is
+With ``--memory``, the peak memory of one KFAC-VI preset step with M = 50 (the same changes) is
 measured in a fresh subprocess as ``benchmarks/step_cost.py`` measures it (RSS high-water mark on
 CPU, ``max_memory_allocated`` on CUDA, over two steps after an untimed one).
 
@@ -43,6 +44,10 @@ from pyro_kfacvi.experiments.data import DataError, cifar10
 from pyro_kfacvi.experiments.models import LeNet5
 from pyro_kfacvi.experiments.presets import PRESETS, build
 from step_cost import MMAP_THRESHOLD, current_rss_bytes, peak_rss_bytes, reset_peak_rss, synchronize
+
+
+#: --presets: the K-FAC and KFAC-VI presets timed
+PRESET_FAMILIES = {"paper": ("lenet5-kfac", "lenet5-kfacvi"), "tuned": ("lenet5-kfac-tuned", "lenet5-kfacvi-tuned")}
 
 
 def minibatches(steps, batch_size, data_dir, device):
@@ -92,15 +97,16 @@ def preset_step(name, num_data, steps_per_epoch, device, **changes):
     return engine.step
 
 
-def candidates(num_data, steps_per_epoch, device, changes):
+def candidates(num_data, steps_per_epoch, device, changes, family="paper"):
     steps = {"adam": adam_step(device)}
     try:
         steps["ivon"] = ivon_step(num_data, device)
     except ImportError:
         print("ivon-opt is not installed (pip install torch==2.14.1 -e \".[peers]\"): IVON skipped")
-    steps["kfac"] = preset_step("lenet5-kfac", num_data, steps_per_epoch, device, **changes)
-    steps["kfacvi1"] = preset_step("lenet5-kfacvi", num_data, steps_per_epoch, device, **changes, mc_samples=1)
-    steps["kfacvi10"] = preset_step("lenet5-kfacvi", num_data, steps_per_epoch, device, **changes, mc_samples=10)
+    kfac, kfacvi = PRESET_FAMILIES[family]
+    steps["kfac"] = preset_step(kfac, num_data, steps_per_epoch, device, **changes)
+    steps["kfacvi1"] = preset_step(kfacvi, num_data, steps_per_epoch, device, **changes, mc_samples=1)
+    steps["kfacvi10"] = preset_step(kfacvi, num_data, steps_per_epoch, device, **changes, mc_samples=10)
     return steps
 
 
@@ -120,11 +126,11 @@ def interleaved_seconds(steps, batches, chunk, device):
     return seconds
 
 
-def peak_memory_mb(changes, device, num_samples=50):
-    """Run in a fresh process: the peak memory increase (MB) of two ``lenet5-kfacvi`` steps with M =
+def peak_memory_mb(changes, device, family="paper", num_samples=50):
+    """Run in a fresh process: the peak memory increase (MB) of two KFAC-VI preset steps with M =
     ``num_samples`` after an untimed one (``benchmarks/step_cost.py``'s ``memory_probe``)."""
     x, y = minibatches(1, 64, None, device)[0][0]
-    step = preset_step("lenet5-kfacvi", 50_000, 782, device, **changes, mc_samples=num_samples)
+    step = preset_step(PRESET_FAMILIES[family][1], 50_000, 782, device, **changes, mc_samples=num_samples)
     step(x, y)
     gc.collect()
     if device.type == "cuda":
@@ -172,6 +178,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", help="folder of cifar-10-batches-py (default: $KFACVI_DATA)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--presets", choices=PRESET_FAMILIES, default="paper",
+                        help="paper: lenet5-kfac and lenet5-kfacvi; tuned: their -tuned presets")
     parser.add_argument("--set", type=parse_change, action="append", default=[], metavar="KEY=VALUE",
                         help="a TrainConfig change for the presets' candidates (repeatable)")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of an M = 50 step (subprocess)")
@@ -182,10 +190,10 @@ def main(argv=None):
     torch.manual_seed(0)
     device, changes = torch.device(args.device), dict(args.set)
     if args.memory_probe:
-        print(peak_memory_mb(changes, device))
+        print(peak_memory_mb(changes, device, args.presets))
         return
     batches, source = minibatches(args.steps, 64, args.data_dir, device)
-    steps = candidates(50_000, 782, device, changes)
+    steps = candidates(50_000, 782, device, changes, args.presets)
     for name, step in steps.items():  # warm-up: allocations, the first eigendecompositions
         for x, y in itertools.islice(batches, 2):
             step(x, y)
@@ -198,7 +206,7 @@ def main(argv=None):
         "seconds": seconds,
         "memory_mb": measure_memory(sys.argv[1:] if argv is None else argv) if args.memory else {},
         "settings": {"steps": args.steps, "chunk": args.chunk, "threads": args.threads, "batch_size": 64,
-                     "device": str(device), "changes": changes, "data": source, "torch": torch.__version__,
+                     "device": str(device), "presets": PRESET_FAMILIES[args.presets], "changes": changes, "data": source, "torch": torch.__version__,
                      "machine": platform.processor() or platform.machine()},
     }
     print(json.dumps(result, indent=2))

@@ -86,6 +86,11 @@ def test_presets_hold_the_papers_rows():
     for name in ("lenet5-kfac", "lenet5-kfacvi", "resnet18-kfac", "resnet18-kfacvi"):
         assert PRESETS[name].lr_scale == 1.0 and PRESETS[name].weight_decay_mode == "decoupled"
     assert PRESETS["quick-kfac"].optimizer == "kfac" and PRESETS["quick-kfac"].rho is None
+    # the tuned rows: Table 1's but for the damping and learning rate selected on validation and the schedule
+    for name in ("lenet5-kfac", "lenet5-kfacvi"):
+        tuned = PRESETS[f"{name}-tuned"]
+        assert tuned == PRESETS[name].replace(damping=0.1, lr_scale=1024.0, curvature_every=16, inverse_every=100,
+                                              track_eigenvalues=True)
 
 
 def test_config_validation_and_rho_optimizer_consistency():
