@@ -153,3 +153,13 @@ def test_a_glob_skips_the_logs_beside_the_runs(tmp_path, capsys):
         folder.with_suffix(".log").write_text("epoch 1 ...")
     assert compare.main(["--group", "K-FAC", str(tmp_path / "kfac-s*"), "--json", str(tmp_path / "out.json")]) == 0
     assert json.loads((tmp_path / "out.json").read_text())["K-FAC"]["metrics"]["acc"]["n"] == 3
+
+
+def test_the_laplace_baselines_linearised_predictive_is_a_metric_of_its_own(tmp_path):
+    runs = [write_run(tmp_path / f"laplace-s{i}", i, {"test_acc": 0.6, "test_nll": 1.0, "glm_probit_test_acc": acc,
+                                                      "glm_probit_test_ece": 0.01 * (i + 1)}, method="laplace")
+            for i, acc in enumerate((0.64, 0.66))]
+    metrics = compare.compare({"Laplace": runs})["Laplace"]["metrics"]
+    assert metrics["glm_acc"]["mean"] == pytest.approx(0.65) and metrics["glm_acc"]["sd"] == pytest.approx(2 ** 0.5 / 100)  # the two values are ±0.01 from the mean
+    assert metrics["glm_ece"]["mean"] == pytest.approx(0.015) and metrics["acc"]["mean"] == pytest.approx(0.6)
+    assert "GLM acc (%)" in compare.markdown(compare.compare({"Laplace": runs}))

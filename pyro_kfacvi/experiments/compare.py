@@ -12,8 +12,9 @@ quote it) to the group LABEL; a label given twice collects both globs. A match i
 Metrics of a run:
 
 * ``metrics.json``: its ``final`` record, renamed: ``test_acc, test_nll, test_ece, test_brier`` →
-  ``acc, nll, ece, brier``, ``train_acc``, and ``wall_time`` → ``wall_s``; a run without ``final``
-  (still training) is left out with a warning. Its seed is ``config["seed"]``.
+  ``acc, nll, ece, brier``, ``train_acc``, ``wall_time`` → ``wall_s``, and the Laplace baseline's
+  ``glm_probit_test_*`` → ``glm_*``; a run without ``final`` (still training) is left out with a
+  warning. Its seed is ``config["seed"]``.
 * ``report.json``: every number of its ``summary`` (test ``acc, nll, ece, brier``, ``shift_*``,
   ``ood_auroc_entropy``, ``ood_auroc_mutual_information`` — the mutual-information AUROC — and the
   AUROC per OOD set). Its ``seed`` is the analysis seed, not the training seed: the seed is
@@ -50,7 +51,9 @@ __all__ = ["compare", "figure", "load_run", "main", "markdown", "pool_reliabilit
 
 #: ``final`` keys of metrics.json → metric names.
 FINAL_METRICS = {"test_acc": "acc", "test_nll": "nll", "test_ece": "ece", "test_brier": "brier",
-                 "train_acc": "train_acc", "wall_time": "wall_s"}
+                 "train_acc": "train_acc", "wall_time": "wall_s",
+                 # the Laplace baseline's linearised (GLM, probit) predictive beside its MC one
+                 **{f"glm_probit_test_{m}": f"glm_{m}" for m in ("acc", "nll", "ece", "brier")}}
 #: report.json keys that must agree within a group (besides the analysed run's configuration).
 REPORT_SETTINGS = ("method", "mc_samples", "num_samples", "test_samples", "shift_size", "ood_size")
 #: Table columns and bar charts: metric → (header, scale, decimals).
@@ -58,6 +61,8 @@ COLUMNS = {"acc": ("acc (%)", 100, 2), "nll": ("NLL", 1, 3), "ece": ("ECE", 1, 4
            "shift_acc": ("shift acc (%)", 100, 2), "shift_nll": ("shift NLL", 1, 3), "shift_ece": ("shift ECE", 1, 4),
            "ood_auroc_entropy": ("OOD AUROC (entropy)", 1, 3),
            "ood_auroc_mutual_information": ("OOD AUROC (MI)", 1, 3),
+           "glm_acc": ("GLM acc (%)", 100, 2), "glm_nll": ("GLM NLL", 1, 3), "glm_ece": ("GLM ECE", 1, 4),
+           "glm_brier": ("GLM Brier", 1, 4),
            "train_acc": ("train acc (%)", 100, 2), "wall_s": ("wall (s)", 1, 1)}
 
 
