@@ -160,6 +160,7 @@ def test_the_laplace_baselines_linearised_predictive_is_a_metric_of_its_own(tmp_
                                                       "glm_probit_test_ece": 0.01 * (i + 1)}, method="laplace")
             for i, acc in enumerate((0.64, 0.66))]
     metrics = compare.compare({"Laplace": runs})["Laplace"]["metrics"]
-    assert metrics["glm_acc"]["mean"] == pytest.approx(0.65) and metrics["glm_acc"]["sd"] == pytest.approx(2 ** 0.5 / 100)  # the two values are ±0.01 from the mean
+    assert metrics["glm_acc"]["mean"] == pytest.approx(0.65)
+    assert metrics["glm_acc"]["sd"] == pytest.approx(2 ** 0.5 / 100)  # two values ±0.01 from their mean
     assert metrics["glm_ece"]["mean"] == pytest.approx(0.015) and metrics["acc"]["mean"] == pytest.approx(0.6)
     assert "GLM acc (%)" in compare.markdown(compare.compare({"Laplace": runs}))
