@@ -186,3 +186,16 @@ def test_a_laplace_posterior_from_a_kfac_solution_is_the_closed_form_posterior(f
     model.prior_variance = 2.0 / 4  # a prior 4× as precise: Λ = X̃ᵀX̃/σ² + 4I/η
     narrower = torch.linalg.inv(xt.T @ xt / sigma**2 + 4 * torch.eye(x.shape[1] + 1) / 2.0)
     assert relative_error(torch.cov(draws_through_pyro(laplace, x, 200_000).T), torch.kron(narrower.contiguous(), torch.eye(k))) <= 0.02
+
+
+def test_the_prior_variance_can_be_set_and_is_saved_when_learned():
+    fixed = BayesianModel(nn.Linear(2, 2), Categorical(), 1.0, 10)
+    fixed.prior_variance = 0.25
+    assert fixed.prior_variance == 0.25
+    with pytest.raises(ValueError, match="positive and finite"):
+        fixed.prior_variance = float("nan")
+    learned = BayesianModel(nn.Linear(2, 2), Categorical(), "auto", 10)
+    learned.prior_variance = 0.25
+    twin = BayesianModel(nn.Linear(2, 2), Categorical(), "auto", 10)
+    twin.load_state_dict(learned.state_dict())
+    assert twin.prior_variance == 0.25
