@@ -28,7 +28,6 @@ Prints and, with ``--json FILE``, writes ``{"ratios": {"kfacvi1_over_ivon", "kfa
 """
 import argparse
 import ast
-import gc
 import itertools
 import json
 import os
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from pyro_kfacvi.experiments.data import DataError, cifar10
 from pyro_kfacvi.experiments.models import LeNet5
 from pyro_kfacvi.experiments.presets import PRESETS, build
-from step_cost import MMAP_THRESHOLD, current_rss_bytes, peak_rss_bytes, reset_peak_rss, synchronize
+from step_cost import MMAP_THRESHOLD, peak_step_memory, synchronize
 
 
 #: --presets: the K-FAC and KFAC-VI presets timed
@@ -128,21 +127,10 @@ def interleaved_seconds(steps, batches, chunk, device):
 
 def peak_memory_mb(changes, device, family="paper", num_samples=50):
     """Run in a fresh process: the peak memory increase (MB) of two KFAC-VI preset steps with M =
-    ``num_samples`` after an untimed one (``benchmarks/step_cost.py``'s ``memory_probe``)."""
+    ``num_samples`` after an untimed one (``benchmarks/step_cost.py``'s measurement)."""
     x, y = minibatches(1, 64, None, device)[0][0]
     step = preset_step(PRESET_FAMILIES[family][1], 50_000, 782, device, **changes, mc_samples=num_samples)
-    step(x, y)
-    gc.collect()
-    if device.type == "cuda":
-        synchronize(device)
-        baseline = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step(x, y), step(x, y)
-        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    reset_peak_rss()
-    baseline = current_rss_bytes()
-    step(x, y), step(x, y)
-    return (peak_rss_bytes() - baseline) / 2**20
+    return peak_step_memory(lambda: step(x, y), device)
 
 
 def measure_memory(argv):

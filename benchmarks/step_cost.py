@@ -371,7 +371,12 @@ def memory_probe(kind, num_samples, device, settings):
     the measured steps. On CPU the subprocess runs with a fixed glibc mmap threshold, so freed
     tensors go back to the OS and the warm-up step's memory cannot be silently reused."""
     x, y = random_batch(device)
-    step = make_step_fn(kind, num_samples, device, x, y, settings)
+    return peak_step_memory(make_step_fn(kind, num_samples, device, x, y, settings), device)
+
+
+def peak_step_memory(step, device):
+    """The peak memory increase (MB) over MEMORY_STEPS calls of ``step`` after an untimed one
+    (:func:`memory_probe`'s measurement, for any zero-argument step)."""
     timed_steps(step, 1, device)
     gc.collect()
     if device.type == "cuda":
