@@ -18,18 +18,28 @@ so the methods are compared after the same tuning budget each. Two sweeps:
   on the last 5,000 (``--validation 5000``). K-FAC and KFAC-VI (M = 1): (γ, lr × …) in
   (1e-3, 16), (1e-3, 64), (1e-2, 64), (1e-2, 256), (1e-1, 1024) — each γ with learning rates it
   can take (the larger γ, the smaller the preconditioned step); Adam: lr 2.5e-4, 5e-4, 1e-3,
-  2e-3, 4e-3. Everything else as in the ``lr`` sweep. ``--methods noisy-kfac`` runs the same
-  (γ, lr) grid for Noisy K-FAC (KFAC-VI with the ELBO-exact ρ² = 1/N, M = 1).
+  2e-3, 4e-3. Everything else as in the ``lr`` sweep. ``--methods kfacvi-wide`` runs the same
+  (γ, lr) grid for KFAC-VI with ρ² = 1/N (what was called Noisy K-FAC before the ELBO-exact fix).
 
-Both: a run that diverges counts as a failed setting; the selection is the highest validation
-accuracy of the final model (S = 10 posterior samples); ``--final`` then runs each method's
-selected setting once on the full protocol (50,000 training images, 15 epochs, batch 64, S = 50,
-test set).
+``--sweep peers`` (the peers and the ELBO-exact mode, same split and budget as ``damping``):
+
+* five runs per method on the first 45,000 training images, validated on the last 5,000, one
+  hyperparameter each — the one that defines the method — on a grid around its default. IVON:
+  lr 0.05, 0.1, 0.2, 0.4, 0.8 (its authors' CIFAR-10 settings otherwise); MC dropout: dropout
+  rate 0.05, 0.1, 0.25, 0.4, 0.5 (Adam, lr 1e-3); mean-field SVI: Adam's lr grid; Noisy K-FAC
+  (ELBO-exact, ``--optimizer noisy-kfac`` on the ``lenet5-kfacvi-tuned`` preset, M = 1): prior
+  variance η 1e-3, 3e-3, 1e-2, 3e-2, 0.1 (η = 1 diverges, docs/results.md).
+
+Every sweep: a run that diverges counts as a failed setting; the selection is the highest
+validation accuracy of the final model (S = 10 posterior samples); ``--final`` then runs each
+method's selected setting on the full protocol (50,000 training images, 15 epochs, batch 64,
+S = 50, test set), once per ``--seeds`` seed.
 
     KFACVI_DATA=../shared/data/cifar10 python examples/tune.py --sweep lr --final
     KFACVI_DATA=../shared/data/cifar10 python examples/tune.py --sweep damping --final --parallel 2
+    KFACVI_DATA=../shared/data/cifar10 python examples/tune.py --sweep peers --final --seeds 0,1,2 --parallel 2
 
-Runs go to ``runs/<sweep>-sweep/<method>-<setting>`` and ``.../final-<method>``; finished runs
+Runs go to ``runs/<sweep>-sweep/<method>-<setting>`` and ``.../final-<method>[-s<seed>]``; finished runs
 are reused, so the script can be stopped and started again. The summary is printed as a Markdown
 table and written to ``--json`` (default ``docs/results/<sweep>-sweep.json``).
 """
@@ -43,8 +53,11 @@ from pathlib import Path
 
 KFAC = ["train", "--preset", "lenet5-kfac"]
 KFACVI = ["train", "--preset", "lenet5-kfacvi", "--mc-samples", "1"]
-NOISY_KFAC = KFACVI + ["--optimizer", "noisy-kfac"]  # the ELBO-exact ρ² = 1/N (the optimizer drops ρ)
+#: KFAC-VI with ρ² = 1/N and γ inside Σ (labelled "Noisy K-FAC" before the ELBO-exact fix; docs/results.md)
+KFACVI_WIDE = KFACVI + ["--rho", "4.472136e-3"]
 ADAM = ["baseline", "--method", "adam"]
+#: the library's recommended K-FAC-family setting (γ 0.1, lr × 1024 from the damping sweep, cheap schedule)
+TUNED_NOISY_KFAC = ["train", "--preset", "lenet5-kfacvi-tuned", "--mc-samples", "1", "--optimizer", "noisy-kfac"]
 VALIDATION = ["--epochs", "15", "--validation", "5000", "--test-samples", "10"]
 
 
@@ -64,8 +77,14 @@ SWEEPS = {
     "damping": (VALIDATION, {
         "kfac": (KFAC, DAMPING_LR),
         "kfacvi": (KFACVI, DAMPING_LR),
-        "noisy-kfac": (NOISY_KFAC, DAMPING_LR),
+        "kfacvi-wide": (KFACVI_WIDE, DAMPING_LR),
         "adam": (ADAM, settings("--lr", [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3])),
+    }),
+    "peers": (VALIDATION, {
+        "ivon": (["baseline", "--method", "ivon"], settings("--lr", [0.05, 0.1, 0.2, 0.4, 0.8])),
+        "mc-dropout": (["baseline", "--method", "mc-dropout"], settings("--dropout", [0.05, 0.1, 0.25, 0.4, 0.5])),
+        "mean-field": (["baseline", "--method", "mean-field"], settings("--lr", [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3])),
+        "noisy-kfac": (TUNED_NOISY_KFAC, settings("--prior-variance", [1e-3, 3e-3, 1e-2, 3e-2, 1e-1])),
     }),
 }
 
@@ -121,9 +140,12 @@ def table(summary):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", choices=SWEEPS, default="lr")
-    parser.add_argument("--methods", default="kfac,kfacvi,adam",
-                        help="comma-separated subset of kfac,kfacvi,adam (and noisy-kfac for the damping sweep)")
+    parser.add_argument("--methods", help="comma-separated subset of the sweep's methods (default: all but "
+                                          "the damping sweep's kfacvi-wide)")
     parser.add_argument("--final", action="store_true", help="also run each method's selected setting in full")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds of the final runs "
+                                                      "(default 0; seed 0 goes to final-<method>, seed N to "
+                                                      "final-<method>-sN)")
     parser.add_argument("--runs", help="folder of the runs (default runs/<sweep>-sweep)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1; 2 with --threads 1 "
@@ -131,7 +153,7 @@ def main():
     parser.add_argument("--json", help="summary file (default docs/results/<sweep>-sweep.json)")
     args = parser.parse_args()
     tuning_options, grids = SWEEPS[args.sweep]
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") if args.methods else [m for m in grids if m != "kfacvi-wide"]
     unknown = set(methods) - set(grids)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(grids)}")
@@ -150,10 +172,19 @@ def main():
         summary[method] = {"tuning": tuning, "selected": best(tuning)}
     finals = [m for m in methods if args.final and summary[m]["selected"] is not None]
     chosen = {m: next(o for o in grids[m][1] if label(o) == summary[m]["selected"]) for m in finals}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    final_jobs = [(m, seed) for seed in seeds for m in finals]
+
+    def final(job):
+        method, seed = job
+        out = runs / (f"final-{method}" if seed == 0 else f"final-{method}-s{seed}")
+        return run(grids[method][0], chosen[method], out, ["--seed", str(seed)], args.threads)
+
     with ThreadPoolExecutor(args.parallel) as pool:
-        for method, record in zip(finals, pool.map(
-                lambda m: run(grids[m][0], chosen[m], runs / f"final-{m}", [], args.threads), finals)):
-            summary[method]["final"] = record
+        for (method, seed), record in zip(final_jobs, pool.map(final, final_jobs)):
+            summary[method].setdefault("finals", {})[str(seed)] = record
+            if seed == seeds[0]:
+                summary[method]["final"] = record
 
     print(table(summary))
     out = Path(args.json or f"docs/results/{args.sweep}-sweep.json")

@@ -3,6 +3,7 @@ prior variance chosen on the held-out images, the test set evaluated once afterw
 import json
 
 import pytest
+import torch
 
 from pyro_kfacvi import KroneckerNormal
 from pyro_kfacvi.experiments import cli
@@ -84,3 +85,40 @@ def test_a_run_trained_on_every_image_is_refused(tmp_path, monkeypatch, capsys):
         cli.main(["calibrate", "--checkpoint", str(out), "--out", str(tmp_path / "cal")])
     assert "--validation N" in capsys.readouterr().err
     assert not (tmp_path / "cal").exists()
+
+
+def test_analyze_uses_the_laplace_posterior_with_the_given_prior_variance(run, tmp_path):
+    from pyro_kfacvi import Predictive
+    from pyro_kfacvi.experiments import analysis
+    from pyro_kfacvi.experiments.evaluation import private_rng
+
+    out, data = run
+    x = data.test.images[:8]
+    point, info = analysis.load_predictor(out, data, num_samples=4)
+    assert "posterior" not in info
+    eta = 1e-2
+    laplace, info = analysis.load_predictor(out, data, num_samples=4, laplace_prior_variance=eta)
+    assert info["posterior"] == "kronecker-laplace" and info["prior_variance"] == eta
+    trainer = Trainer.from_checkpoint(out, data)
+    trainer.model.prior_variance = eta
+    reference = Predictive(trainer.model, KroneckerNormal.from_guide(trainer.guide), 4)
+    with private_rng(3):
+        got = laplace(x)
+    with private_rng(3):
+        expected = reference.samples(x)
+    assert got.shape == (4, 8, 10)
+    torch.testing.assert_close(got, expected)
+    assert (got - point(x)).abs().max() > 1e-3  # weights drawn around μ, not the point mass
+    # a prior this narrow (π = 1/(Nη) ≫ F̂) collapses Σ onto μ: the point's predictions
+    collapsed, _ = analysis.load_predictor(out, data, num_samples=4, laplace_prior_variance=1e-14)
+    torch.testing.assert_close(collapsed(x), point(x).expand(4, -1, -1), atol=1e-5, rtol=0)
+
+
+def test_analyze_refuses_a_laplace_posterior_for_a_baseline(tmp_path, monkeypatch):
+    from pyro_kfacvi.experiments import analysis, baselines
+    from test_analysis import TINY_BASELINE
+
+    data = fake_data()
+    baselines.train(baselines.BaselineConfig(method="adam", **TINY_BASELINE), data, tmp_path / "adam", log=None)
+    with pytest.raises(ValueError, match="baseline run"):
+        analysis.load_predictor(tmp_path / "adam", data, laplace_prior_variance=1e-2)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import metrics
+from ..guides import KroneckerNormal
 from ..predictive import Predictive
 from . import baselines
 from .checkpoints import atomic_write, load_checkpoint
@@ -163,35 +164,46 @@ def analyze(predict, raw_test, labels, ood_images: dict, shift_size=2000, seed=0
     return report
 
 
-def load_predictor(path, data, num_samples=None):
+def load_predictor(path, data, num_samples=None, laplace_prior_variance=None):
     """``(predict, info)`` for a checkpoint of ``kfacvi train`` (the Kronecker posterior, eq. 1) or
     ``kfacvi baseline``: ``predict(x)`` returns ``(S, N, C)`` probabilities with ``num_samples``
-    samples (default: the run's ``test_samples``; 0: the posterior mean / dropout off)."""
+    samples (default: the run's ``test_samples``; 0: the posterior mean / dropout off).
+
+    ``laplace_prior_variance = η`` replaces a training run's guide by its Kronecker Laplace
+    posterior Σ = (1/N)(F̂ + I/(Nη))⁻¹ (:meth:`~pyro_kfacvi.KroneckerNormal.from_guide`; the η that
+    ``kfacvi calibrate`` chose is its ``calibration.prior_variance``)."""
     state = load_checkpoint(path, data.test.device)
     if baselines.is_baseline(state):
+        if laplace_prior_variance is not None:
+            raise ValueError(f"{path} is a baseline run: a Kronecker Laplace posterior needs a run of kfacvi train")
         config, method = baselines.from_checkpoint(state, data.test.images[:1])
         samples = config.test_samples if num_samples is None else num_samples
         return (lambda x: method.samples(x, samples)), {"method": config.method, "test_samples": samples}
     trainer = Trainer.from_checkpoint(path, data)
-    config = trainer.config
+    config, guide = trainer.config, trainer.guide
     samples = config.test_samples if num_samples is None else num_samples
     info = {"method": config.optimizer, "mc_samples": config.mc_samples, "test_samples": samples}
+    if laplace_prior_variance is not None:
+        guide = KroneckerNormal.from_guide(guide)
+        trainer.model.prior_variance = laplace_prior_variance
+        info.update(posterior="kronecker-laplace", prior_variance=laplace_prior_variance)
     if samples == 0:
-        predict = lambda x: mean_outputs(trainer.model, trainer.guide, x).softmax(-1).unsqueeze(0)  # noqa: E731
+        predict = lambda x: mean_outputs(trainer.model, guide, x).softmax(-1).unsqueeze(0)  # noqa: E731
     else:
-        predict = Predictive(trainer.model, trainer.guide, samples).samples
+        predict = Predictive(trainer.model, guide, samples).samples
     if not config.normalize_inputs:  # the network was trained on pixels in [0, 1]
         return (lambda x: predict(denormalize(x))), info
     return predict, info
 
 
 def analyze_checkpoint(path, data, out_dir, num_samples=None, shift_size=2000, ood_size=2000, seed=0,
-                       fashion_mnist=None, log=None) -> dict:
-    """:func:`analyze` of a checkpoint on ``data`` (:func:`pyro_kfacvi.data.cifar10`, normalised);
-    writes ``out_dir/report.json`` and the figures of :func:`pyro_kfacvi.plots.save_figures`."""
+                       fashion_mnist=None, log=None, laplace_prior_variance=None) -> dict:
+    """:func:`analyze` of a checkpoint on ``data`` (:func:`pyro_kfacvi.data.cifar10`, normalised),
+    its predictor as :func:`load_predictor` builds it; writes ``out_dir/report.json`` and the
+    figures of :func:`pyro_kfacvi.plots.save_figures`."""
     from .plots import save_figures
 
-    predict, info = load_predictor(path, data, num_samples)
+    predict, info = load_predictor(path, data, num_samples, laplace_prior_variance)
     raw_test = denormalize(data.test.images)
     sets = ood_sets(raw_test, min(ood_size, len(raw_test)), seed, fashion_mnist)
     report = {"checkpoint": str(path), **info,

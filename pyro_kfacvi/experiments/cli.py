@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="test images per corruption and severity (default 2000)")
     an.add_argument("--ood-size", type=int, default=2000, metavar="N", help="images per OOD set (default 2000)")
     an.add_argument("--seed", type=int, default=0, help="seed of the corruptions, OOD sets and weight samples")
+    an.add_argument("--laplace-prior-variance", type=float, metavar="ETA",
+                    help="analyse the run's Kronecker Laplace posterior with prior variance ETA instead of its "
+                         "guide (kfacvi calibrate's choice: calibration.prior_variance in its metrics.json)")
     an.add_argument("--fashion-mnist", metavar="PATH", help="folder of Fashion-MNIST's idx files "
                     "(default: $KFACVI_FASHION_MNIST, else the Debian package's; skipped if absent)")
     _common(an)
@@ -311,10 +314,13 @@ def cmd_analyze(args, parser) -> int:
         parser.error("--test-samples must be >= 0")
     if min(args.shift_size, args.ood_size) < 1:
         parser.error("--shift-size and --ood-size must be >= 1")
+    if args.laplace_prior_variance is not None and not args.laplace_prior_variance > 0:
+        parser.error("--laplace-prior-variance must be > 0")
     _setup(args)
     report = analyze_checkpoint(args.checkpoint, _load_data(args), args.out, num_samples=args.test_samples,
                                 shift_size=args.shift_size, ood_size=args.ood_size, seed=args.seed,
-                                fashion_mnist=args.fashion_mnist, log=print)
+                                fashion_mnist=args.fashion_mnist, log=print,
+                                laplace_prior_variance=args.laplace_prior_variance)
     print(json.dumps(report["summary"], indent=2))
     return 0
 
