@@ -139,6 +139,8 @@ def test_analyze_checkpoint_writes_report_and_figures_for_both_kinds(tmp_path):
         written = json.loads((tmp_path / f"{run}-analysis" / "report.json").read_text())
         assert written["summary"] == pytest.approx(report["summary"])
         assert written["num_samples"] == 3 and written["test_samples"] == 3
+        trained = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert written["run"] == {"config": trained["config"], "final": trained["final"]}
         for figure in ("reliability.png", "confidence.png", "entropy.png", "shift.png"):
             assert (tmp_path / f"{run}-analysis" / figure).read_bytes()[:4] == b"\x89PNG"
     # K-FAC's point mass draws one sample whatever S is asked for

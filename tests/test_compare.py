@@ -28,8 +28,9 @@ def write_seeds(root, name="kfac"):
             for i in range(3)]
 
 
-def write_report(folder, checkpoint, counts, confidence, accuracy, acc=0.5, auroc_mi=0.7, method="kfacvi"):
-    """A report.json as ``kfacvi analyze`` writes it, with a 3-bin reliability diagram."""
+def write_report(folder, checkpoint, counts, confidence, accuracy, acc=0.5, auroc_mi=0.7, method="kfacvi", run=None):
+    """A report.json as ``kfacvi analyze`` writes it, with a 3-bin reliability diagram (``run``: the
+    analysed run's metrics.json as the report copies it)."""
     folder.mkdir(parents=True)
     summary = {"acc": acc, "nll": 1.3, "ece": 0.07, "brier": 0.6, "shift_acc": 0.45, "shift_nll": 1.5,
                "shift_ece": 0.08, "ood_auroc_entropy": 0.6, "ood_auroc_mutual_information": auroc_mi}
@@ -38,7 +39,7 @@ def write_report(folder, checkpoint, counts, confidence, accuracy, acc=0.5, auro
               "test": {"acc": acc, "nll": 1.3, "brier": 0.6, "ece": 0.07, "mce": 0.2},
               "reliability": {"edges": [0.0, 1 / 3, 2 / 3, 1.0], "counts": counts, "confidence": confidence,
                               "accuracy": accuracy},
-              "summary": summary}
+              "summary": summary, **({"run": run} if run else {})}
     (folder / "report.json").write_text(json.dumps(report))
     return folder
 
@@ -97,6 +98,16 @@ def test_reports_pool_their_reliability_bins_and_take_the_training_seed(tmp_path
     assert pooled["confidence"] == pytest.approx([None, 0.44, 6.2 / 7])
     assert pooled["accuracy"] == pytest.approx([None, 0.4, 5.5 / 7])
     assert result["warnings"] == []
+
+
+def test_a_report_carries_its_runs_seed_train_accuracy_and_wall_time(tmp_path):
+    run = {"config": {"optimizer": "kfac", "seed": 5}, "final": {"test_acc": 0.9, "train_acc": 0.8, "wall_time": 321.5}}
+    report = write_report(tmp_path / "analysis", tmp_path / "gone", [1, 0, 0], [0.2, None, None], [0.0, None, None],
+                          acc=0.52, run=run)  # the checkpoint's folder is not here: the report's copy counts
+    result = compare.compare({"K-FAC": [report]})["K-FAC"]
+    assert result["runs"][0]["seed"] == 5
+    metrics = {name: stat["mean"] for name, stat in result["metrics"].items()}
+    assert (metrics["acc"], metrics["train_acc"], metrics["wall_s"]) == (0.52, 0.8, 321.5)  # acc: the analysis'
 
 
 def test_two_runs_with_one_seed_are_an_error(tmp_path):

@@ -31,7 +31,7 @@ from .. import metrics
 from ..guides import KroneckerNormal
 from ..predictive import Predictive
 from . import baselines
-from .checkpoints import atomic_write, load_checkpoint
+from .checkpoints import METRICS, atomic_write, load_checkpoint
 from .data import denormalize, normalize
 from .evaluation import ECE_BINS, mean_outputs, private_rng
 from .ood import ood_sets
@@ -196,6 +196,17 @@ def load_predictor(path, data, num_samples=None, laplace_prior_variance=None):
     return predict, info
 
 
+def _run_record(path) -> dict:
+    """``{"run": {"config", "final"}}`` from the analysed run's metrics.json (its training seed and
+    wall time travel with the report), or ``{}`` if the folder has none."""
+    path = Path(path)
+    metrics_file = (path if path.is_dir() else path.parent) / METRICS
+    if not metrics_file.is_file():
+        return {}
+    run = json.loads(metrics_file.read_text())
+    return {"run": {"config": run["config"], "final": run.get("final")}}
+
+
 def analyze_checkpoint(path, data, out_dir, num_samples=None, shift_size=2000, ood_size=2000, seed=0,
                        fashion_mnist=None, log=None, laplace_prior_variance=None) -> dict:
     """:func:`analyze` of a checkpoint on ``data`` (:func:`pyro_kfacvi.data.cifar10`, normalised),
@@ -206,7 +217,7 @@ def analyze_checkpoint(path, data, out_dir, num_samples=None, shift_size=2000, o
     predict, info = load_predictor(path, data, num_samples, laplace_prior_variance)
     raw_test = denormalize(data.test.images)
     sets = ood_sets(raw_test, min(ood_size, len(raw_test)), seed, fashion_mnist)
-    report = {"checkpoint": str(path), **info,
+    report = {"checkpoint": str(path), **info, **_run_record(path),
               **analyze(predict, raw_test, data.test.labels, sets, shift_size, seed, log)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

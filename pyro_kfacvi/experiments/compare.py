@@ -17,9 +17,10 @@ Metrics of a run:
   warning. Its seed is ``config["seed"]``.
 * ``report.json``: every number of its ``summary`` (test ``acc, nll, ece, brier``, ``shift_*``,
   ``ood_auroc_entropy``, ``ood_auroc_mutual_information`` — the mutual-information AUROC — and the
-  AUROC per OOD set). Its ``seed`` is the analysis seed, not the training seed: the seed is
-  ``config["seed"]`` of the analysed run's ``metrics.json`` (``report["checkpoint"]``, relative to
-  the working directory), or unknown (``null``) when that file is not here.
+  AUROC per OOD set), and the analysed run's ``train_acc`` and ``wall_s``. Its ``seed`` is the
+  analysis seed, not the training seed: the seed is ``config["seed"]`` of the analysed run's
+  ``metrics.json`` — the copy ``kfacvi analyze`` keeps in the report (``report["run"]``), else the
+  file beside ``report["checkpoint"]`` (relative to the working directory) — or unknown (``null``).
 
 Per group and metric, ``mean``, ``sd`` (sample standard deviation, n − 1; ``null`` for one run)
 and ``n`` over the runs that have it. The JSON written by ``--json`` is :func:`compare`'s result::
@@ -54,6 +55,8 @@ FINAL_METRICS = {"test_acc": "acc", "test_nll": "nll", "test_ece": "ece", "test_
                  "train_acc": "train_acc", "wall_time": "wall_s",
                  # the Laplace baseline's linearised (GLM, probit) predictive beside its MC one
                  **{f"glm_probit_test_{m}": f"glm_{m}" for m in ("acc", "nll", "ece", "brier")}}
+#: metrics of the analysed run that a report's row carries beside the analysis' own.
+RUN_METRICS = ("train_acc", "wall_s")
 #: report.json keys that must agree within a group (besides the analysed run's configuration).
 REPORT_SETTINGS = ("method", "mc_samples", "num_samples", "test_samples", "shift_size", "ood_size")
 #: Table columns and bar charts: metric → (header, scale, decimals).
@@ -81,13 +84,16 @@ def _without_seed(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "seed"}
 
 
-def _analysed_config(report: dict) -> dict | None:
-    """The configuration in the metrics.json of the run that ``report`` analysed, if it is here."""
+def _analysed_run(report: dict) -> dict | None:
+    """The metrics.json (``config``, ``final``) of the run that ``report`` analysed: the copy in the
+    report, else the file beside the checkpoint if it is here."""
+    if report.get("run"):
+        return report["run"]
     if not report.get("checkpoint"):
         return None
     checkpoint = Path(report["checkpoint"])
     path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / METRICS
-    return json.loads(path.read_text())["config"] if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_run(path) -> dict | None:
@@ -96,11 +102,13 @@ def load_run(path) -> dict | None:
     file = _json_file(Path(path))
     data = json.loads(file.read_text())
     if file.name == REPORT:
-        config = _analysed_config(data)
+        run = _analysed_run(data) or {}
+        config, final = run.get("config"), run.get("final") or {}
+        training = {name: final[key] for key, name in FINAL_METRICS.items() if name in RUN_METRICS and key in final}
         return {"path": str(file), "kind": "report", "seed": None if config is None else config["seed"],
                 "analysis_seed": data.get("seed"), "checkpoint": data.get("checkpoint"),
                 "setting": {**_without_seed(config or {}), **{f"analysis {k}": data.get(k) for k in REPORT_SETTINGS}},
-                "metrics": dict(data["summary"]), "reliability": data.get("reliability")}
+                "metrics": {**data["summary"], **training}, "reliability": data.get("reliability")}
     if not data.get("final"):
         return None
     return {"path": str(file), "kind": "metrics", "seed": data["config"]["seed"],
