@@ -101,13 +101,14 @@ def test_reports_pool_their_reliability_bins_and_take_the_training_seed(tmp_path
 
 
 def test_a_report_carries_its_runs_seed_train_accuracy_and_wall_time(tmp_path):
-    run = {"config": {"optimizer": "kfac", "seed": 5}, "final": {"test_acc": 0.9, "train_acc": 0.8, "wall_time": 321.5}}
+    run = {"config": {"optimizer": "kfac", "seed": 5},
+           "final": {"test_acc": 0.9, "train_acc": 0.8, "wall_time": 321.5, "glm_probit_test_ece": 0.02}}
     report = write_report(tmp_path / "analysis", tmp_path / "gone", [1, 0, 0], [0.2, None, None], [0.0, None, None],
                           acc=0.52, run=run)  # the checkpoint's folder is not here: the report's copy counts
     result = compare.compare({"K-FAC": [report]})["K-FAC"]
     assert result["runs"][0]["seed"] == 5
     metrics = {name: stat["mean"] for name, stat in result["metrics"].items()}
-    assert (metrics["acc"], metrics["train_acc"], metrics["wall_s"]) == (0.52, 0.8, 321.5)  # acc: the analysis'
+    assert (metrics["acc"], metrics["train_acc"], metrics["wall_s"], metrics["glm_ece"]) == (0.52, 0.8, 321.5, 0.02)
 
 
 def test_two_runs_with_one_seed_are_an_error(tmp_path):

@@ -17,10 +17,11 @@ Metrics of a run:
   warning. Its seed is ``config["seed"]``.
 * ``report.json``: every number of its ``summary`` (test ``acc, nll, ece, brier``, ``shift_*``,
   ``ood_auroc_entropy``, ``ood_auroc_mutual_information`` — the mutual-information AUROC — and the
-  AUROC per OOD set), and the analysed run's ``train_acc`` and ``wall_s``. Its ``seed`` is the
-  analysis seed, not the training seed: the seed is ``config["seed"]`` of the analysed run's
-  ``metrics.json`` — the copy ``kfacvi analyze`` keeps in the report (``report["run"]``), else the
-  file beside ``report["checkpoint"]`` (relative to the working directory) — or unknown (``null``).
+  AUROC per OOD set), and the analysed run's ``train_acc``, ``wall_s`` and ``glm_*``. Its ``seed``
+  is the analysis seed, not the training seed: the seed is ``config["seed"]`` of the analysed
+  run's ``metrics.json`` — the copy ``kfacvi analyze`` keeps in the report (``report["run"]``),
+  else the file beside ``report["checkpoint"]`` (relative to the working directory) — or unknown
+  (``null``).
 
 Per group and metric, ``mean``, ``sd`` (sample standard deviation, n − 1; ``null`` for one run)
 and ``n`` over the runs that have it. The JSON written by ``--json`` is :func:`compare`'s result::
@@ -56,7 +57,7 @@ FINAL_METRICS = {"test_acc": "acc", "test_nll": "nll", "test_ece": "ece", "test_
                  # the Laplace baseline's linearised (GLM, probit) predictive beside its MC one
                  **{f"glm_probit_test_{m}": f"glm_{m}" for m in ("acc", "nll", "ece", "brier")}}
 #: metrics of the analysed run that a report's row carries beside the analysis' own.
-RUN_METRICS = ("train_acc", "wall_s")
+RUN_METRICS = ("train_acc", "wall_s", "glm_acc", "glm_nll", "glm_ece", "glm_brier")
 #: report.json keys that must agree within a group (besides the analysed run's configuration).
 REPORT_SETTINGS = ("method", "mc_samples", "num_samples", "test_samples", "shift_size", "ood_size")
 #: Table columns and bar charts: metric → (header, scale, decimals).
