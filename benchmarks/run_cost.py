@@ -20,9 +20,14 @@ With ``--memory``, the peak memory of one KFAC-VI preset step with M = 50 (the s
 measured in a fresh subprocess as ``benchmarks/step_cost.py`` measures it (RSS high-water mark on
 CPU, ``max_memory_allocated`` on CUDA, over two steps after an untimed one).
 
+``--peers`` adds ``mc-dropout`` and ``mean-field`` (the ``kfacvi baseline`` objects, dropout 0.05
+as the peers sweep chose) and ``noisy-kfac`` (the KFAC-VI preset with ``optimizer="noisy-kfac"``,
+η = 0.01, M = 1).
+
 Prints and, with ``--json FILE``, writes ``{"ratios": {"kfacvi1_over_ivon", "kfacvi10_over_ivon",
-"kfac_over_adam"}, "floors": {"kfacvi10_over_ivon": ...}, "seconds": {candidate: seconds of
---steps steps}, "memory_mb": {"kfacvi50": ...}, "settings": {...}}``.
+"kfac_over_adam"}, "floors": {"kfacvi10_over_ivon": ...}, "over_adam": {candidate: seconds /
+adam's}, "seconds": {candidate: seconds of --steps steps}, "memory_mb": {"kfacvi50": ...},
+"settings": {...}}``.
 
     python benchmarks/run_cost.py --threads 1 --steps 157 --memory --json docs/results/run-cost.json
 """
@@ -39,6 +44,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pyro_kfacvi.experiments import baselines
+from pyro_kfacvi.experiments.baselines import BaselineConfig
 from pyro_kfacvi.experiments.data import DataError, cifar10
 from pyro_kfacvi.experiments.models import LeNet5
 from pyro_kfacvi.experiments.presets import PRESETS, build
@@ -96,7 +103,22 @@ def preset_step(name, num_data, steps_per_epoch, device, **changes):
     return engine.step
 
 
-def candidates(num_data, steps_per_epoch, device, changes, family="paper"):
+def baseline_step(method, num_data, device, **settings):
+    """``step`` of the ``kfacvi baseline --method method`` object (its ``BaselineConfig`` defaults)."""
+    config = BaselineConfig(method=method, **settings)
+    return baselines.build(config, torch.zeros(1, 3, 32, 32, device=device), num_data).step
+
+
+def peer_steps(num_data, steps_per_epoch, device, changes, family):
+    """``--peers``: MC dropout and mean-field SVI as ``kfacvi baseline`` trains them, and Noisy K-FAC
+    (the ELBO-exact KFAC-VI preset with M = 1 and the prior variance 0.01 of the peers sweep)."""
+    return {"mc-dropout": baseline_step("mc-dropout", num_data, device, dropout=0.05),
+            "mean-field": baseline_step("mean-field", num_data, device),
+            "noisy-kfac": preset_step(PRESET_FAMILIES[family][1], num_data, steps_per_epoch, device, **changes,
+                                      optimizer="noisy-kfac", prior_variance=0.01, mc_samples=1)}
+
+
+def candidates(num_data, steps_per_epoch, device, changes, family="paper", peers=False):
     steps = {"adam": adam_step(device)}
     try:
         steps["ivon"] = ivon_step(num_data, device)
@@ -106,6 +128,8 @@ def candidates(num_data, steps_per_epoch, device, changes, family="paper"):
     steps["kfac"] = preset_step(kfac, num_data, steps_per_epoch, device, **changes)
     steps["kfacvi1"] = preset_step(kfacvi, num_data, steps_per_epoch, device, **changes, mc_samples=1)
     steps["kfacvi10"] = preset_step(kfacvi, num_data, steps_per_epoch, device, **changes, mc_samples=10)
+    if peers:
+        steps.update(peer_steps(num_data, steps_per_epoch, device, changes, family))
     return steps
 
 
@@ -170,6 +194,7 @@ def main(argv=None):
                         help="paper: lenet5-kfac and lenet5-kfacvi; tuned: their -tuned presets")
     parser.add_argument("--set", type=parse_change, action="append", default=[], metavar="KEY=VALUE",
                         help="a TrainConfig change for the presets' candidates (repeatable)")
+    parser.add_argument("--peers", action="store_true", help="also MC dropout, mean-field SVI and Noisy K-FAC")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of an M = 50 step (subprocess)")
     parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="FILE")
@@ -181,7 +206,7 @@ def main(argv=None):
         print(peak_memory_mb(changes, device, args.presets))
         return
     batches, source = minibatches(args.steps, 64, args.data_dir, device)
-    steps = candidates(50_000, 782, device, changes, args.presets)
+    steps = candidates(50_000, 782, device, changes, args.presets, args.peers)
     for name, step in steps.items():  # warm-up: allocations, the first eigendecompositions
         for x, y in itertools.islice(batches, 2):
             step(x, y)
@@ -191,6 +216,7 @@ def main(argv=None):
                    "kfacvi10_over_ivon": ratio(seconds, "kfacvi10", "ivon"),
                    "kfac_over_adam": ratio(seconds, "kfac", "adam")},
         "floors": {"kfacvi10_over_ivon": 10 * ratio(seconds, "adam", "ivon") if "ivon" in seconds else None},
+        "over_adam": {name: ratio(seconds, name, "adam") for name in seconds},
         "seconds": seconds,
         "memory_mb": measure_memory(sys.argv[1:] if argv is None else argv) if args.memory else {},
         "settings": {"steps": args.steps, "chunk": args.chunk, "threads": args.threads, "batch_size": 64,
