@@ -1,7 +1,7 @@
-"""Equal-budget tuning of K-FAC, KFAC-VI and Adam on LeNet5 / CIFAR-10, selected on a validation split.
+"""Equal-budget tuning of K-FAC, KFAC-VI, Adam and the peers on LeNet5 / CIFAR-10, selected on a validation split.
 
 Table 1's K-FAC and KFAC-VI hyperparameters under-train the standard LeNet5 (docs/results.md),
-so the methods are compared after the same tuning budget each. Two sweeps:
+so the methods are compared after the same tuning budget each. Three sweeps:
 
 ``--sweep lr`` (learning rate only, on a small subset):
 
@@ -56,7 +56,7 @@ KFACVI = ["train", "--preset", "lenet5-kfacvi", "--mc-samples", "1"]
 #: KFAC-VI with ρ² = 1/N and γ inside Σ (labelled "Noisy K-FAC" before the ELBO-exact fix; docs/results.md)
 KFACVI_WIDE = KFACVI + ["--rho", "4.472136e-3"]
 ADAM = ["baseline", "--method", "adam"]
-#: the library's recommended K-FAC-family setting (γ 0.1, lr × 1024 from the damping sweep, cheap schedule)
+#: the ELBO-exact mode on the tuned preset (the damping sweep's γ 0.1 and lr × 1024, the cheap schedule)
 TUNED_NOISY_KFAC = ["train", "--preset", "lenet5-kfacvi-tuned", "--mc-samples", "1", "--optimizer", "noisy-kfac"]
 VALIDATION = ["--epochs", "15", "--validation", "5000", "--test-samples", "10"]
 
