@@ -70,6 +70,10 @@ COLUMNS = {"acc": ("acc (%)", 100, 2), "nll": ("NLL", 1, 3), "ece": ("ECE", 1, 4
            "train_acc": ("train acc (%)", 100, 2), "wall_s": ("wall (s)", 1, 1)}
 
 
+#: panels per row of :func:`figure`.
+PANELS_PER_ROW = 6
+
+
 def _json_file(path: Path) -> Path:
     """The metrics.json or report.json that ``path`` names or holds."""
     if path.is_file():
@@ -233,16 +237,26 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
-def _bars(ax, result, name):
-    """Mean of metric ``name`` per group, with ±sd error bars."""
+def _bars(ax, result, name, labelled):
+    """Mean of metric ``name`` per group, with ±sd error bars: one row per group, in the groups'
+    order in every panel (a group without the metric leaves its row empty); group names on the
+    panels that are ``labelled``."""
     header, scale, _ = COLUMNS[name]
-    labels = [label for label, group in result.items() if name in group["metrics"]]
-    stats = [result[label]["metrics"][name] for label in labels]
-    positions = range(len(labels))
-    ax.bar(positions, [s["mean"] * scale for s in stats], yerr=[(s["sd"] or 0) * scale for s in stats], capsize=4,
-           color=[f"C{list(result).index(label)}" for label in labels])
-    ax.set_xticks(list(positions), labels, rotation=35, ha="right", fontsize=8)
+    rows = [(i, group["metrics"][name]) for i, group in enumerate(result.values()) if name in group["metrics"]]
+    ax.barh([i for i, _ in rows], [s["mean"] * scale for _, s in rows],
+            xerr=[(s["sd"] or 0) * scale for _, s in rows], capsize=3, color=[f"C{i}" for i, _ in rows])
+    ax.set_yticks(range(len(result)), list(result) if labelled else [], fontsize=8)
+    ax.set_ylim(len(result) - 0.5, -0.5)
     ax.set_title(header, fontsize=9)
+
+
+def _grid(subfigure, count):
+    """``count`` axes in rows of at most :data:`PANELS_PER_ROW`, the unused cells hidden."""
+    columns = min(count, PANELS_PER_ROW)
+    axes = subfigure.subplots(-(-count // columns), columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return axes[:count]
 
 
 def _reliability(ax, diagram, title):
@@ -261,21 +275,25 @@ def _reliability(ax, diagram, title):
 
 
 def figure(result: dict, path) -> None:
-    """Write one figure to ``path`` (format from its suffix): a row of bar charts, mean ± sd per
-    group for each table column, and below it the pooled reliability diagram of each group that has one."""
+    """Write one figure to ``path`` (format from its suffix): bar charts, mean ± sd per group for each
+    table column, and below them the pooled reliability diagram of each group that has one (rows of
+    at most :data:`PANELS_PER_ROW` panels)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     columns = _columns(result)
     diagrams = {label: group for label, group in result.items() if group["reliability"]}
-    fig = Figure(figsize=(max(2.6 * len(columns), 3.4 * len(diagrams)), 7.2 if diagrams else 3.6),
-                 layout="constrained")
+    bar_rows, diagram_rows = -(-len(columns) // PANELS_PER_ROW), -(-len(diagrams) // PANELS_PER_ROW)
+    bar_height = bar_rows * (1.2 + 0.22 * len(result))
+    fig = Figure(figsize=(2.0 + 2.6 * min(max(len(columns), len(diagrams)), PANELS_PER_ROW),
+                          bar_height + 3.2 * diagram_rows), layout="constrained")
     FigureCanvasAgg(fig)
-    top, bottom = fig.subfigures(2, 1) if diagrams else (fig, None)
-    for ax, name in zip(top.subplots(1, len(columns), squeeze=False)[0], columns):
-        _bars(ax, result, name)
+    top, bottom = (fig.subfigures(2, 1, height_ratios=[bar_height, 3.2 * diagram_rows]) if diagrams
+                   else (fig, None))
+    for i, (ax, name) in enumerate(zip(_grid(top, len(columns)), columns)):
+        _bars(ax, result, name, labelled=i % PANELS_PER_ROW == 0)
     if diagrams:
-        for ax, (label, group) in zip(bottom.subplots(1, len(diagrams), squeeze=False)[0], diagrams.items()):
+        for ax, (label, group) in zip(_grid(bottom, len(diagrams)), diagrams.items()):
             pooled = sum(run["kind"] == "report" for run in group["runs"])
             _reliability(ax, group["reliability"], f"{label}: {pooled} report(s) pooled")
     atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", dpi=110))
