@@ -28,7 +28,8 @@ def write_seeds(root, name="kfac"):
             for i in range(3)]
 
 
-def write_report(folder, checkpoint, counts, confidence, accuracy, acc=0.5, auroc_mi=0.7, method="kfacvi", run=None):
+def write_report(folder, checkpoint, counts, confidence, accuracy, acc=0.5, auroc_mi=0.7, method="kfacvi", run=None,
+                 **info):
     """A report.json as ``kfacvi analyze`` writes it, with a 3-bin reliability diagram (``run``: the
     analysed run's metrics.json as the report copies it)."""
     folder.mkdir(parents=True)
@@ -39,7 +40,7 @@ def write_report(folder, checkpoint, counts, confidence, accuracy, acc=0.5, auro
               "test": {"acc": acc, "nll": 1.3, "brier": 0.6, "ece": 0.07, "mce": 0.2},
               "reliability": {"edges": [0.0, 1 / 3, 2 / 3, 1.0], "counts": counts, "confidence": confidence,
                               "accuracy": accuracy},
-              "summary": summary, **({"run": run} if run else {})}
+              "summary": summary, **({"run": run} if run else {}), **info}
     (folder / "report.json").write_text(json.dumps(report))
     return folder
 
@@ -109,6 +110,17 @@ def test_a_report_carries_its_runs_seed_train_accuracy_and_wall_time(tmp_path):
     assert result["runs"][0]["seed"] == 5
     metrics = {name: stat["mean"] for name, stat in result["metrics"].items()}
     assert (metrics["acc"], metrics["train_acc"], metrics["wall_s"], metrics["glm_ece"]) == (0.52, 0.8, 321.5, 0.02)
+
+
+def test_a_laplace_posterior_and_the_guide_in_one_group_are_flagged(tmp_path):
+    run = {"config": {"optimizer": "kfac", "seed": 0}, "final": {}}
+    guide = write_report(tmp_path / "kfac", tmp_path / "gone", [1, 0, 0], [0.2, None, None], [0.0, None, None], run=run)
+    laplace = write_report(tmp_path / "laplace", tmp_path / "gone", [1, 0, 0], [0.2, None, None], [0.0, None, None],
+                           run={**run, "config": {**run["config"], "seed": 1}}, posterior="kronecker-laplace",
+                           prior_variance=0.01)
+    warnings = compare.compare({"K-FAC": [guide, laplace]})["K-FAC"]["warnings"]
+    assert warnings == ["settings differ apart from the seed: analysis posterior: None, 'kronecker-laplace'; "
+                        "analysis prior_variance: None, 0.01"]
 
 
 def test_two_runs_with_one_seed_are_an_error(tmp_path):

@@ -59,7 +59,8 @@ FINAL_METRICS = {"test_acc": "acc", "test_nll": "nll", "test_ece": "ece", "test_
 #: metrics of the analysed run that a report's row carries beside the analysis' own.
 RUN_METRICS = ("train_acc", "wall_s", "glm_acc", "glm_nll", "glm_ece", "glm_brier")
 #: report.json keys that must agree within a group (besides the analysed run's configuration).
-REPORT_SETTINGS = ("method", "mc_samples", "num_samples", "test_samples", "shift_size", "ood_size")
+REPORT_SETTINGS = ("method", "posterior", "prior_variance", "mc_samples", "num_samples", "test_samples", "shift_size",
+                   "ood_size")
 #: Table columns and bar charts: metric → (header, scale, decimals).
 COLUMNS = {"acc": ("acc (%)", 100, 2), "nll": ("NLL", 1, 3), "ece": ("ECE", 1, 4), "brier": ("Brier", 1, 4),
            "shift_acc": ("shift acc (%)", 100, 2), "shift_nll": ("shift NLL", 1, 3), "shift_ece": ("shift ECE", 1, 4),
