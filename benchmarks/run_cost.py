@@ -5,9 +5,11 @@ the data), a fixed number of steps per candidate, run interleaved — every roun
 candidate ``--chunk`` steps, in a rotating order — on one machine and thread count, so that load
 from elsewhere falls on all of them alike. Candidates:
 
-* ``adam``: the deterministic network, cross-entropy, ``torch.optim.Adam`` (lr 1e-3);
-* ``ivon``: ivon-opt's ``IVON`` with one weight sample per step (its authors' CIFAR settings; from
-  the ``[peers]`` extra — skipped, and said so, without it);
+* ``adam``: the deterministic network, cross-entropy, ``torch.optim.Adam`` (lr 1e-3), as ``kfacvi
+  baseline --method adam`` trains it;
+* ``ivon``: ivon-opt's ``IVON`` with one weight sample per step and its cosine schedule, as ``kfacvi
+  baseline --method ivon`` trains it (its authors' CIFAR settings; from the ``[peers]`` extra —
+  skipped, and said so, without it);
 * ``kfac``, ``kfacvi1``, ``kfacvi10``: ``KFACVI.step`` of the presets ``lenet5-kfac`` and
   ``lenet5-kfacvi`` (``--presets paper``, Table 1's) or ``lenet5-kfac-tuned`` and
   ``lenet5-kfacvi-tuned`` (``--presets tuned``: the cheap curvature schedule) with M = 1 and 10,
@@ -42,12 +44,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from pyro_kfacvi.experiments import baselines
 from pyro_kfacvi.experiments.baselines import BaselineConfig
 from pyro_kfacvi.experiments.data import DataError, cifar10
-from pyro_kfacvi.experiments.models import LeNet5
 from pyro_kfacvi.experiments.presets import PRESETS, build
 from step_cost import MMAP_THRESHOLD, peak_step_memory, synchronize
 
@@ -66,33 +66,6 @@ def minibatches(steps, batch_size, data_dir, device):
         batches, source = [(torch.randn(batch_size, 3, 32, 32, generator=generator),
                             torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(steps)], "random"
     return [(x.to(device), y.to(device)) for x, y in batches], source
-
-
-def adam_step(device):
-    net = LeNet5().to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-
-    def step(x, y):
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        optimizer.step()
-    return step
-
-
-def ivon_step(num_data, device):
-    import ivon
-
-    net = LeNet5().to(device)
-    optimizer = ivon.IVON(net.parameters(), lr=0.2, ess=num_data, hess_init=0.5, beta2=0.99999, weight_decay=2e-4)
-
-    def step(x, y):
-        optimizer.zero_grad(set_to_none=True)
-        with optimizer.sampled_params(train=True):
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-        optimizer.step()
-    return step
 
 
 def preset_step(name, num_data, steps_per_epoch, device, **changes):
@@ -119,9 +92,9 @@ def peer_steps(num_data, steps_per_epoch, device, changes, family):
 
 
 def candidates(num_data, steps_per_epoch, device, changes, family="paper", peers=False):
-    steps = {"adam": adam_step(device)}
+    steps = {"adam": baseline_step("adam", num_data, device)}
     try:
-        steps["ivon"] = ivon_step(num_data, device)
+        steps["ivon"] = baseline_step("ivon", num_data, device)
     except ImportError:
         print("ivon-opt is not installed (pip install torch==2.14.1 -e \".[peers]\"): IVON skipped")
     kfac, kfacvi = PRESET_FAMILIES[family]
